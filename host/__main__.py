@@ -1,0 +1,5 @@
+"""``python -m host``."""
+
+from host.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,371 @@
+"""Configuration: one TOML file, a section per plugin, validated with msgspec.
+
+Where values come from, later wins:
+
+1. the schema defaults;
+2. the TOML file: ``--config PATH``, else ``$HOST_CONFIG``, else ``./host.toml`` if it exists;
+3. environment overrides: the named ones in ``ENV_OVERRIDES`` (``HOST_LOG_LEVEL``...), then the generic
+   ``HOST__<SECTION>__<KEY>=<value>`` (the value is parsed as a TOML value when it parses, else taken as
+   a string; section and key are lower-cased; ``__`` nests further).
+
+Secrets are ``Secret`` values: in TOML a literal string, ``{ env = "VAR" }`` or ``{ file = "/path" }``.
+A ``Secret`` never shows its value in ``repr``/``str``; every secret value loaded is also registered with
+the log sink, which masks it wherever it would appear.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import threading
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from host.errors import ConfigError
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "Config",
+    "HostSection",
+    "LoggingSection",
+    "PluginsSection",
+    "Secret",
+    "known_secret_values",
+    "load_config",
+    "redact",
+]
+
+_secret_lock = threading.Lock()
+_known_secrets: set[str] = set()
+
+
+def known_secret_values() -> frozenset[str]:
+    """Every secret value loaded in this process (for masking in log output)."""
+    return frozenset(_known_secrets)
+
+
+def register_secret_value(value: str) -> None:
+    # Very short values would mask innocent substrings everywhere; they are weak secrets anyway.
+    if len(value) >= 4:
+        with _secret_lock:
+            _known_secrets.add(value)
+
+
+class Secret:
+    """A secret string (AppSecret, API key, token). ``reveal()`` is the only way to read it."""
+
+    __slots__ = ("_source", "_value")
+
+    def __init__(self, value: str, source: str = "literal") -> None:
+        self._value = value
+        self._source = source
+        register_secret_value(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret('**********', source={self._source!r})"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` safe to print or audit: Secrets and known secret strings masked."""
+    if isinstance(value, Secret):
+        return "**********"
+    if isinstance(value, msgspec.Struct):
+        return redact(msgspec.structs.asdict(value))
+    if isinstance(value, Mapping):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        for secret in known_secret_values():
+            if secret in value:
+                value = value.replace(secret, "**********")
+        return value
+    return value
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Secret:
+        if isinstance(obj, Secret):
+            return obj
+        if isinstance(obj, str):
+            return Secret(obj)
+        if isinstance(obj, dict) and set(obj) == {"env"}:
+            var = obj["env"]
+            if var not in os.environ:
+                raise ValueError(f"environment variable {var!r} named by the secret is not set")
+            return Secret(os.environ[var], source=f"env:{var}")
+        if isinstance(obj, dict) and set(obj) == {"file"}:
+            path = Path(obj["file"])
+            try:
+                return Secret(path.read_text().strip(), source=f"file:{path}")
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
+        raise ValueError('expected a string, {env = "VAR"} or {file = "/path"}')
+    raise NotImplementedError(type_)
+
+
+class HostSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[host]``: the runtime."""
+
+    #: Messages handled at the same time (worker tasks).
+    concurrency: int = 16
+    #: Accepted messages waiting for a worker; when full, connectors stop taking messages.
+    queue_size: int = 1024
+    #: Seconds to drain in-flight messages on shutdown before cancelling them.
+    shutdown_timeout: float = 10.0
+    #: Seconds a streamed reply may run in total before it is cut and finalized.
+    stream_timeout: float = 300.0
+    #: Sent when handling a message failed and nobody answered.
+    apology: str = "Sorry, something went wrong on my side and I could not answer. Please try again."
+    #: Sent when every plugin passed on a message; empty means send nothing.
+    fallback_reply: str = ""
+    #: Per-hook timeouts in seconds, e.g. ``{on_message = 60}``.
+    timeouts: dict[str, float] = msgspec.field(default_factory=dict)
+    #: Per-plugin, per-hook timeouts, e.g. ``{nlp_bridge = {on_message = 120}}``.
+    plugin_timeouts: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
+    #: ``development`` turns on loguru's variable-printing tracebacks (they may print secrets).
+    environment: Literal["production", "development"] = "production"
+
+
+class LoggingSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[logging]``."""
+
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: ``auto``: readable text on a TTY, JSON lines otherwise.
+    format: Literal["auto", "json", "text"] = "auto"
+    #: Directory of the error log (``error.log``); empty disables it.
+    dir: str = "logs"
+    #: When the error log rotates (loguru rotation syntax).
+    error_rotation: str = "00:00"
+    #: How long rotated error logs are kept, in days (at least 30).
+    error_retention_days: int = 30
+    #: Also write every log line to this file (used by ``host demo``); empty means stderr only.
+    file: str = ""
+
+
+class PluginsSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[plugins]``: which installed plugins may load."""
+
+    #: If non-empty, only these plugins load.
+    allow: list[str] = msgspec.field(default_factory=list)
+    #: These plugins never load (wins over ``allow``).
+    deny: list[str] = msgspec.field(default_factory=list)
+
+
+#: Named environment overrides: variable -> (section, key, kind).
+ENV_OVERRIDES: dict[str, tuple[str, str, str]] = {
+    "HOST_LOG_LEVEL": ("logging", "level", "str"),
+    "HOST_LOG_FORMAT": ("logging", "format", "str"),
+    "HOST_LOG_DIR": ("logging", "dir", "str"),
+    "HOST_ENVIRONMENT": ("host", "environment", "str"),
+    "HOST_CONCURRENCY": ("host", "concurrency", "int"),
+    "HOST_PLUGINS_ALLOW": ("plugins", "allow", "list"),
+    "HOST_PLUGINS_DENY": ("plugins", "deny", "list"),
+}
+
+_CORE_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "host": HostSection,
+    "logging": LoggingSection,
+    "plugins": PluginsSection,
+}
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"environment override: '{'.'.join(path)}' is not a table")
+        node = child
+    node[path[-1]] = value
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Apply environment overrides in place; return the names of the variables used."""
+    used = []
+    for var, (section, key, kind) in ENV_OVERRIDES.items():
+        if var in environ:
+            raw = environ[var]
+            value: Any = raw
+            if kind == "int":
+                try:
+                    value = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{var}: expected an integer, got {raw!r}") from None
+            elif kind == "list":
+                value = [item.strip() for item in raw.split(",") if item.strip()]
+            _set_path(data, [section, key], value)
+            used.append(var)
+    for var in sorted(environ):
+        if var.startswith("HOST__") and len(var) > 6:
+            path = [p.lower() for p in var[6:].split("__") if p]
+            if len(path) >= 2:
+                _set_path(data, path, _parse_env_value(environ[var]))
+                used.append(var)
+    return used
+
+
+def _describe_validation_error(exc: msgspec.ValidationError, section: str, source: str) -> str:
+    message = str(exc)
+    match = re.search(r" - at `\$((?:\.[A-Za-z0-9_]+|\[[^\]]*\])*)`$", message)
+    where = f"[{section}]"
+    if match:
+        key = match.group(1).lstrip(".")
+        message = message[: match.start()]
+        if key:
+            where = f"[{section}] {key}"
+    return f"{source}: {where}: {message}"
+
+
+class Config:
+    """The validated configuration: core sections as attributes, plugin sections by name."""
+
+    def __init__(
+        self,
+        data: dict[str, Any],
+        source: str,
+        sections: dict[str, msgspec.Struct],
+    ) -> None:
+        self.data = data
+        self.source = source
+        self._sections = sections
+
+    @property
+    def host(self) -> HostSection:
+        section = self._sections["host"]
+        assert isinstance(section, HostSection)
+        return section
+
+    @property
+    def logging(self) -> LoggingSection:
+        section = self._sections["logging"]
+        assert isinstance(section, LoggingSection)
+        return section
+
+    @property
+    def plugins(self) -> PluginsSection:
+        section = self._sections["plugins"]
+        assert isinstance(section, PluginsSection)
+        return section
+
+    def section(self, name: str) -> Any:
+        """The validated struct of a registered section (``KeyError`` if none was registered)."""
+        return self._sections[name]
+
+    def has_section(self, name: str) -> bool:
+        return name in self._sections
+
+    def raw_section(self, name: str) -> dict[str, Any]:
+        value = self.data.get(name, {})
+        return value if isinstance(value, dict) else {}
+
+    def validate_section(self, name: str, schema: type[msgspec.Struct]) -> msgspec.Struct:
+        """Validate ``[name]`` against ``schema``, store and return it (``ConfigError`` if invalid)."""
+        raw = self.data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{self.source}: [{name}]: expected a table, got {type(raw).__name__}")
+        try:
+            value = msgspec.convert(raw, type=schema, dec_hook=_dec_hook, str_keys=True)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_describe_validation_error(exc, name, self.source)) from None
+        self._sections[name] = value
+        return value
+
+    def unknown_sections(self) -> list[str]:
+        return sorted(k for k in self.data if k not in self._sections)
+
+    def redacted(self) -> dict[str, Any]:
+        """Every validated section as plain data with secrets masked (for display and audit)."""
+        return {name: redact(section) for name, section in sorted(self._sections.items())}
+
+    def __repr__(self) -> str:
+        return f"Config(source={self.source!r}, sections={sorted(self._sections)})"
+
+
+def resolve_config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if environ.get("HOST_CONFIG"):
+        return Path(environ["HOST_CONFIG"])
+    default = Path("host.toml")
+    return default if default.exists() else None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    data: dict[str, Any] | None = None,
+) -> Config:
+    """Read, override and validate the core sections; plugin sections are validated later.
+
+    ``data`` (a dict) replaces the file, for tests and embedding. Raises ``ConfigError`` with one
+    message that names the file, the key and the expected type.
+    """
+    environ = os.environ if environ is None else environ
+    if data is not None:
+        source = "<config dict>"
+        merged: dict[str, Any] = _deep_copy(data)
+    else:
+        resolved = resolve_config_path(str(path) if path else None, environ)
+        if resolved is None:
+            source, merged = "<defaults>", {}
+        else:
+            source = str(resolved)
+            try:
+                merged = tomllib.loads(resolved.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"{source}: configuration file not found") from None
+            except OSError as exc:
+                raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    apply_env_overrides(merged, environ)
+    config = Config(merged, source, {})
+    for name, schema in _CORE_SECTIONS.items():
+        config.validate_section(name, schema)
+    if config.logging.error_retention_days < 30:
+        raise ConfigError(
+            f"{source}: [logging] error_retention_days: must be at least 30, "
+            f"got {config.logging.error_retention_days}"
+        )
+    for field in ("concurrency", "queue_size"):
+        if getattr(config.host, field) < 1:
+            raise ConfigError(f"{source}: [host] {field}: must be at least 1")
+    return config
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

@@ -1,0 +1,589 @@
+"""The running host: intake queue, workers, reply delivery, lifecycle.
+
+::
+
+    connector.serve ──offer()──▶ bounded queue ──▶ N workers ──▶ middleware chain ──▶ on_message
+         ▲                        (full: offer                                        │
+         └──── deliver / stream ◀── returns False)  ◀── Reply | str | async iterator ─┘
+
+Everything runs inside one trio nursery tree owned by ``Host.run``: no detached tasks. Shutdown
+(``request_shutdown``, SIGINT/SIGTERM in the CLI): close intake, stop connectors, let workers drain the
+queue until ``[host] shutdown_timeout``, cancel what is left (streamed replies are finalized as
+interrupted, never left open), flush the audit queue, run ``on_shutdown``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import trio
+
+from host.config import Config, redact
+from host.connector import Connector, ReplyStream
+from host.dispatch import Dispatcher
+from host.logs import current_plugin, current_request_id, logger
+from host.metrics import HookStatsCollector, Metrics
+from host.model import AuditEntry, Conversation, Event, Message, Reply
+from host.plugins import PluginManager, PluginRecord
+
+__all__ = ["Host", "build_host"]
+
+Middleware = Callable[[Message, Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+_STATE_VALUES = ("loaded", "failed", "disabled", "incompatible")
+
+
+class Host:
+    """The host object every hook receives as ``host``."""
+
+    def __init__(self, config: Config, plugins: PluginManager, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.metrics = metrics or Metrics()
+        self.dispatcher = Dispatcher(plugins, config.host)
+        self.connectors: dict[str, Connector] = {}
+        self.middleware: list[tuple[str, Middleware]] = []
+        settings = config.host
+        self._queue_send, self._queue_recv = trio.open_memory_channel[Message](settings.queue_size)
+        self._closed = False
+        self._room = trio.Event()
+        self._room.set()
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._shutdown = trio.Event()
+        self._started = False
+        self._audit_backlog: list[AuditEntry] = []
+        self._audit_wakeup = trio.Event()
+        self._audit_ready = trio.Event()
+        self._audit_lock = trio.Lock()
+        self._chain: Callable[[Message], Awaitable[None]] = self._answer
+        self._setup_metrics()
+        plugins.listeners.append(self._on_plugin_state)
+        for record in plugins.records.values():
+            self._on_plugin_state(record)
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _setup_metrics(self) -> None:
+        m = self.metrics
+        self.m_received = m.counter("messages_received_total", "Messages offered by connectors.", ["connector"])
+        self.m_rejected = m.counter(
+            "intake_rejected_total", "Messages refused because the queue was full or closed.", ["connector", "reason"]
+        )
+        self.m_handled = m.counter(
+            "messages_handled_total",
+            "Messages handled, by outcome (answered, apology, fallback, unanswered, abandoned).",
+            ["connector", "outcome"],
+        )
+        self.m_latency = m.histogram(
+            "message_latency_seconds", "From receipt to the first reply delivered.", ["connector"]
+        )
+        self.m_queue_wait = m.histogram("queue_wait_seconds", "Time messages waited for a worker.")
+        self.m_delivery_failures = m.counter(
+            "delivery_failures_total", "Replies a connector could not deliver.", ["connector"]
+        )
+        self.m_events = m.counter("events_total", "Events by outcome.", ["connector", "outcome"])
+        self.m_plugin_state = m.gauge(
+            "plugin_state", "1 for the current state of each plugin.", ["plugin", "version", "state"]
+        )
+        queue_depth = m.gauge("queue_depth", "Messages waiting for a worker.")
+        queue_depth.set_function(lambda: self._queue_send.statistics().current_buffer_used)
+        m.gauge("in_flight_messages", "Messages queued or being handled.").set_function(lambda: self._pending)
+        m.register_collector(HookStatsCollector(self.dispatcher.statistics()))
+
+    def _on_plugin_state(self, record: PluginRecord) -> None:
+        version = record.version or ""
+        for state in _STATE_VALUES:
+            self.m_plugin_state.labels(record.name, version, state).set(1 if state == record.state else 0)
+        details: dict[str, Any] = {"version": record.version, "distribution": record.distribution}
+        if record.error:
+            details["error"] = record.error
+        action = {"loaded": "load", "failed": "fail", "disabled": "disable", "incompatible": "refuse"}[
+            record.state
+        ]
+        self.audit_soon("plugin", action, target=record.name, details=details)
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def configure(self) -> None:
+        """Validate plugin config sections, collect connectors and middleware.
+
+        Raises ``ConfigError`` for an invalid section (startup must stop); a plugin whose
+        registration hook raises is marked failed instead.
+        """
+        sections: list[tuple[str, str, Any]] = []
+
+        def register_section(name: str, schema: Any) -> None:
+            sections.append((current_plugin.get(), name, schema))
+
+        for outcome in self.dispatcher.call_sync("register_config_sections", register=register_section):
+            if outcome.error is not None:
+                self.plugins.mark_failed(outcome.plugin, f"register_config_sections raised: {outcome.error!r}")
+        for _plugin, name, schema in sections:
+            self.config.validate_section(name, schema)
+        for name in self.config.unknown_sections():
+            logger.warning("{}: section [{}] belongs to no loaded plugin; ignored", self.config.source, name)
+
+        def register_connector(connector: Connector) -> None:
+            if connector.name in self.connectors:
+                raise ValueError(f"connector name {connector.name!r} is already taken")
+            self.connectors[connector.name] = connector
+
+        for outcome in self.dispatcher.call_sync("register_connectors", host=self, register=register_connector):
+            if outcome.error is not None:
+                logger.error("plugin {} could not register its connectors", outcome.plugin)
+
+        middleware: list[tuple[str, Middleware]] = []
+
+        def register_middleware(func: Middleware) -> None:
+            middleware.append((current_plugin.get(), func))
+
+        self.dispatcher.call_sync("register_middleware", host=self, register=register_middleware)
+        self.set_middleware(middleware)
+
+    def add_connector(self, connector: Connector) -> None:
+        """Add a connector directly (tests, embedding). Before ``run`` only."""
+        if connector.name in self.connectors:
+            raise ValueError(f"connector name {connector.name!r} is already taken")
+        self.connectors[connector.name] = connector
+
+    def set_middleware(self, middleware: list[tuple[str, Middleware]]) -> None:
+        """(Re)build the middleware chain; the first entry is the outermost."""
+        self.middleware = middleware
+        chain: Callable[[Message], Awaitable[None]] = self._answer
+        for plugin, func in reversed(middleware):
+            chain = _bind_middleware(plugin, func, chain)
+        self._chain = chain
+
+    # -- the Intake protocol (what connectors call) ------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def offer(self, message: Message) -> bool:
+        if self._closed:
+            self.m_rejected.labels(message.connector, "closed").inc()
+            return False
+        if not message.request_id:
+            message.request_id = secrets.token_hex(8)
+        try:
+            self._queue_send.send_nowait(message)
+        except trio.WouldBlock:
+            if self._room.is_set():
+                self._room = trio.Event()
+                logger.warning("intake queue full ({}); connectors told to wait", self.config.host.queue_size)
+            self.m_rejected.labels(message.connector, "full").inc()
+            return False
+        message.context["_queued_at"] = time.perf_counter()
+        self._pending += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self.m_received.labels(message.connector).inc()
+        return True
+
+    async def wait_for_room(self) -> None:
+        await self._room.wait()
+
+    async def submit_event(self, event: Event) -> bool:
+        if not event.request_id:
+            event.request_id = secrets.token_hex(8)
+        token = current_request_id.set(event.request_id)
+        try:
+            outcomes = await self.dispatcher.call("on_event", host=self, event=event)
+        finally:
+            current_request_id.reset(token)
+        ok = all(o.ok for o in outcomes)
+        self.m_events.labels(event.connector, "consumed" if ok else "failed").inc()
+        return ok
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start everything, serve until ``request_shutdown``, then stop gracefully."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._audit_flusher)
+            await self._startup()
+            self._audit_ready.set()
+            async with trio.open_nursery() as workers:
+                for _ in range(self.config.host.concurrency):
+                    workers.start_soon(self._worker)
+                async with trio.open_nursery() as serving:
+                    for connector in self.connectors.values():
+                        await serving.start(self._serve_connector, connector)
+                    if not self.connectors:
+                        logger.warning("no connector is installed: the host has nothing to serve")
+                    self._started = True
+                    logger.info(
+                        "host started: {} plugin(s) loaded, connectors: {}",
+                        len(self.plugins.loaded()),
+                        ", ".join(self.connectors) or "none",
+                    )
+                    task_status.started()
+                    await self._shutdown.wait()
+                    logger.info("shutting down: intake closed, draining {} message(s)", self._pending)
+                    self._closed = True
+                    self._room.set()
+                    with trio.move_on_after(self.config.host.shutdown_timeout):
+                        for connector in self.connectors.values():
+                            await self._stop_connector(connector)
+                    serving.cancel_scope.cancel()
+                self._queue_send.close()
+                with trio.move_on_after(self.config.host.shutdown_timeout) as drain:
+                    await self.wait_idle()
+                if drain.cancelled_caught:
+                    logger.warning(
+                        "shutdown deadline ({}s) passed with {} message(s) unfinished; cancelling them",
+                        self.config.host.shutdown_timeout,
+                        self._pending,
+                    )
+                workers.cancel_scope.cancel()
+            self._started = False
+            await self._flush_audit()
+            await self.dispatcher.call("on_shutdown", host=self)
+            await self._flush_audit()
+            nursery.cancel_scope.cancel()
+        logger.info("host stopped")
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent; safe from any task)."""
+        self._shutdown.set()
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def is_ready(self) -> bool:
+        """Started, and every connector is connected."""
+        return self._started and all(c.is_ready() for c in self.connectors.values())
+
+    async def wait_idle(self) -> None:
+        """Return when no message is queued or being handled."""
+        while self._pending:
+            await self._idle.wait()
+
+    async def _startup(self) -> None:
+        for outcome in await self.dispatcher.call("on_startup", host=self):
+            if not outcome.ok:
+                reason = "timed out" if outcome.timed_out else repr(outcome.error)
+                self.plugins.mark_failed(outcome.plugin, f"on_startup failed: {reason}")
+        # A plugin failed in on_startup may have registered middleware: rebuild without it.
+        live = {r.name for r in self.plugins.loaded()}
+        self.set_middleware([(p, f) for p, f in self.middleware if p in live or p == ""])
+
+    async def _serve_connector(self, connector: Connector, *, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+
+        class _Status:
+            def started(self, value: None = None) -> None:
+                nonlocal started
+                started = True
+                task_status.started()
+
+        try:
+            await connector.serve(self, task_status=_Status())  # type: ignore[arg-type]
+        except Exception as exc:
+            logger.opt(exception=exc).error("connector {} failed: {!r}", connector.name, exc)
+            self.audit_soon("connector", "fail", target=connector.name, details={"error": repr(exc)})
+        if not started:
+            task_status.started()
+
+    async def _stop_connector(self, connector: Connector) -> None:
+        try:
+            await connector.stop()
+        except Exception as exc:
+            logger.opt(exception=exc).error("connector {} failed to stop: {!r}", connector.name, exc)
+
+    async def _worker(self) -> None:
+        async for message in self._queue_recv:
+            if not self._room.is_set():
+                self._room.set()
+            queued_at = message.context.pop("_queued_at", None)
+            if queued_at is not None:
+                self.m_queue_wait.observe(time.perf_counter() - queued_at)
+            try:
+                await self.handle(message)
+            finally:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
+
+    # -- handling ----------------------------------------------------------------------------
+
+    async def handle(self, message: Message) -> None:
+        """Run one message through the middleware chain and ``on_message``; never raises."""
+        token = current_request_id.set(message.request_id)
+        message.context["_outcome"] = "unanswered"
+        try:
+            await self._chain(message)
+        except trio.Cancelled:
+            message.context["_outcome"] = "abandoned"
+            raise
+        except Exception as exc:
+            logger.opt(exception=exc).error("message handling failed: {!r}", exc)
+            await self._apologize(message)
+        finally:
+            self.m_handled.labels(message.connector, message.context.pop("_outcome")).inc()
+            message.context.pop("_answered_at", None)
+            current_request_id.reset(token)
+
+    async def _answer(self, message: Message) -> None:
+        outcomes = await self.dispatcher.call("on_message", host=self, message=message)
+        answered = failed = False
+        for outcome in outcomes:
+            if not outcome.ok:
+                failed = True
+            elif outcome.value is not None:
+                delivered = await self._deliver_result(message, outcome.plugin, outcome.value)
+                answered = answered or delivered
+        if answered:
+            message.context["_outcome"] = "answered"
+        elif failed:
+            await self._apologize(message)
+        elif self.config.host.fallback_reply:
+            if await self._deliver(message, Reply.text_(self.config.host.fallback_reply)):
+                message.context["_outcome"] = "fallback"
+
+    async def _apologize(self, message: Message) -> None:
+        message.context["_outcome"] = "apology"
+        await self._deliver(message, Reply.text_(self.config.host.apology))
+
+    async def _deliver_result(self, message: Message, plugin: str, value: Any) -> bool:
+        if isinstance(value, str):
+            return await self._deliver(message, Reply.text_(value))
+        if isinstance(value, Reply):
+            return await self._deliver(message, value)
+        if isinstance(value, AsyncIterator):
+            return await self._stream(message, plugin, value)
+        logger.error(
+            "plugin {} returned {} from on_message; expected Reply, str, async iterator or None",
+            plugin,
+            type(value).__name__,
+        )
+        await self._apologize(message)
+        return True
+
+    def _connector_for(self, message: Message) -> Connector | None:
+        connector = self.connectors.get(message.connector)
+        if connector is None:
+            logger.error("message came from unknown connector {!r}; cannot answer", message.connector)
+        return connector
+
+    def _mark_answered(self, message: Message) -> None:
+        if "_answered_at" not in message.context:
+            message.context["_answered_at"] = True
+            latency = max(0.0, time.time() - message.received_at_ms / 1000)
+            self.m_latency.labels(message.connector).observe(latency)
+
+    async def _deliver(self, message: Message, reply: Reply) -> bool:
+        connector = self._connector_for(message)
+        if connector is None:
+            return False
+        try:
+            await connector.deliver(message, reply)
+        except Exception as exc:
+            self.m_delivery_failures.labels(message.connector).inc()
+            logger.opt(exception=exc).error("delivery through {} failed: {!r}", message.connector, exc)
+            return False
+        self._mark_answered(message)
+        return True
+
+    async def _stream(self, message: Message, plugin: str, chunks: AsyncIterator[str]) -> bool:
+        connector = self._connector_for(message)
+        if connector is None:
+            await _aclose(chunks)
+            return False
+        try:
+            stream = await connector.open_stream(message)
+        except Exception as exc:
+            # No streaming surface: collect the whole answer and send it as one markdown message.
+            logger.warning("connector {} cannot stream ({!r}); sending the answer whole", message.connector, exc)
+            text, note = await self._collect(plugin, chunks)
+            return await self._deliver(message, Reply.markdown(text + note))
+        return await self._pump(message, plugin, chunks, stream)
+
+    async def _collect(self, plugin: str, chunks: AsyncIterator[str]) -> tuple[str, str]:
+        parts: list[str] = []
+        token = current_plugin.set(plugin)
+        try:
+            with trio.move_on_after(self.config.host.stream_timeout) as scope:
+                async for chunk in chunks:
+                    parts.append(chunk)
+            note = _TIMEOUT_NOTE if scope.cancelled_caught else ""
+        except Exception as exc:
+            logger.opt(exception=exc).error("plugin {} stream broke: {!r}", plugin, exc)
+            note = _BROKEN_NOTE
+        finally:
+            current_plugin.reset(token)
+            await _aclose(chunks)
+        return "".join(parts), note
+
+    async def _pump(self, message: Message, plugin: str, chunks: AsyncIterator[str], stream: ReplyStream) -> bool:
+        """Feed chunks into ``stream``; it is finished or failed exactly once, whatever happens."""
+        ended = False
+        token = current_plugin.set(plugin)
+        try:
+            with trio.move_on_after(self.config.host.stream_timeout) as scope:
+                first = True
+                async for chunk in chunks:
+                    if not chunk:
+                        continue
+                    await stream.append(chunk)
+                    if first:
+                        first = False
+                        self._mark_answered(message)
+            if scope.cancelled_caught:
+                logger.error("plugin {} stream exceeded stream_timeout; finalizing", plugin)
+                await stream.fail(_TIMEOUT_NOTE)
+            else:
+                await stream.finish()
+            ended = True
+            self._mark_answered(message)
+            return True
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await stream.fail(_SHUTDOWN_NOTE)
+            ended = True
+            raise
+        except Exception as exc:
+            logger.opt(exception=exc).error("stream from plugin {} broke: {!r}", plugin, exc)
+            return True
+        finally:
+            current_plugin.reset(token)
+            if not ended:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await stream.fail(_BROKEN_NOTE)
+                    except Exception as exc:
+                        self.m_delivery_failures.labels(message.connector).inc()
+                        logger.error("could not finalize the streamed reply: {!r}", exc)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await _aclose(chunks)
+
+    # -- proactive sending and audit ---------------------------------------------------------
+
+    async def send(self, connector: str, target: Conversation, reply: Reply | str, *, app_id: str | None = None) -> None:
+        """Send a proactive message through ``connector``; raises ``DeliveryError`` on failure."""
+        if isinstance(reply, str):
+            reply = Reply.text_(reply)
+        await self.connectors[connector].send(target, reply, app_id=app_id)
+
+    def audit_soon(
+        self,
+        category: str,
+        action: str,
+        *,
+        actor: str = "host",
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Queue an audit entry for ``on_audit`` (usable from sync code; delivered in order)."""
+        entry = AuditEntry(
+            category=category,
+            action=action,
+            actor=actor,
+            target=target,
+            details=redact(details or {}),
+            request_id=current_request_id.get() or None,
+        )
+        self._audit_backlog.append(entry)
+        self._audit_wakeup.set()
+
+    async def audit(
+        self,
+        category: str,
+        action: str,
+        *,
+        actor: str = "host",
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Record an auditable action and wait until every ``on_audit`` implementation had it.
+
+        The one call a plugin makes to audit its own sensitive operations. Secrets in ``details``
+        are redacted first.
+        """
+        self.audit_soon(category, action, actor=actor, target=target, details=details)
+        await self._flush_audit()
+
+    async def _flush_audit(self) -> None:
+        # One flusher at a time keeps entries in the order they were emitted.
+        async with self._audit_lock:
+            while self._audit_backlog:
+                entry = self._audit_backlog.pop(0)
+                for outcome in await self.dispatcher.call("on_audit", host=self, entry=entry):
+                    if not outcome.ok:
+                        logger.error(
+                            "audit record {}/{} not stored by {}", entry.category, entry.action, outcome.plugin
+                        )
+
+    async def _audit_flusher(self) -> None:
+        # Entries emitted before startup completed wait until audit plugins have opened their logs.
+        await self._audit_ready.wait()
+        while True:
+            await self._flush_audit()
+            await self._audit_wakeup.wait()
+            self._audit_wakeup = trio.Event()
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot for introspection and tests."""
+        return {
+            "pending": self._pending,
+            "queue_depth": self._queue_send.statistics().current_buffer_used,
+            "closed": self._closed,
+            "connectors": {name: c.is_ready() for name, c in self.connectors.items()},
+        }
+
+
+_TIMEOUT_NOTE = "\n\n(The answer was cut off because it took too long.)"
+_BROKEN_NOTE = "\n\n(Sorry, this answer is incomplete: something went wrong while writing it.)"
+_SHUTDOWN_NOTE = "\n\n(This answer was interrupted because the bot is restarting. Please ask again.)"
+
+
+def _bind_middleware(
+    plugin: str, func: Middleware, call_next: Callable[[Message], Awaitable[None]]
+) -> Callable[[Message], Awaitable[None]]:
+    async def step(message: Message) -> None:
+        token = current_plugin.set(plugin)
+        try:
+            await func(message, call_next)
+        finally:
+            current_plugin.reset(token)
+
+    return step
+
+
+async def _aclose(iterator: Any) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception as exc:
+            logger.debug("closing a reply stream raised {!r}", exc)
+
+
+def build_host(
+    config: Config,
+    *,
+    plugins: Iterable[tuple[str, Any]] = (),
+    entry_points: bool = True,
+    metrics: Metrics | None = None,
+) -> Host:
+    """Load plugins (installed ones unless ``entry_points=False``, plus ``plugins``) and configure.
+
+    Raises ``ConfigError`` when a plugin's configuration section is invalid.
+    """
+    manager = PluginManager(allow=config.plugins.allow, deny=config.plugins.deny)
+    host = Host(config, manager, metrics=metrics)
+    if entry_points:
+        manager.load_entry_points()
+    for name, obj in plugins:
+        record = manager.load(name, lambda obj=obj: obj, module=getattr(obj, "__name__", None))
+        if record.state == "loaded" and record.version is None:
+            record.version = getattr(obj, "__version__", None)
+    host.configure()
+    return host
