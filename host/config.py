@@ -32,6 +32,7 @@ __all__ = [
     "ENV_OVERRIDES",
     "Config",
     "HostSection",
+    "HttpSection",
     "LoggingSection",
     "PluginsSection",
     "Secret",
@@ -173,6 +174,27 @@ class PluginsSection(msgspec.Struct, forbid_unknown_fields=True):
     deny: list[str] = msgspec.field(default_factory=list)
 
 
+class HttpSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[http]``: the host's HTTP server (``/metrics``, ``/healthz``, ``/readyz``, plugin routes)."""
+
+    #: Serve HTTP at all.
+    enabled: bool = True
+    #: ``HOST:PORT`` to listen on (``[::1]:9464`` for IPv6; port 0 picks a free port). Loopback by
+    #: default: ``/metrics`` is not for the internet. Use ``0.0.0.0:9464`` in a container.
+    addr: str = "127.0.0.1:9464"
+
+    def __post_init__(self) -> None:
+        self.host_port()  # a malformed address is a configuration error, found at load time
+
+    def host_port(self) -> tuple[str, int]:
+        """``addr`` split into host and port (``ValueError`` naming the problem if malformed)."""
+        host, sep, port = self.addr.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"addr: expected HOST:PORT (e.g. 127.0.0.1:9464), got {self.addr!r}")
+        return host, int(port)
+
+
 #: Named environment overrides: variable -> (section, key, kind).
 ENV_OVERRIDES: dict[str, tuple[str, str, str]] = {
     "HOST_LOG_LEVEL": ("logging", "level", "str"),
@@ -182,12 +204,14 @@ ENV_OVERRIDES: dict[str, tuple[str, str, str]] = {
     "HOST_CONCURRENCY": ("host", "concurrency", "int"),
     "HOST_PLUGINS_ALLOW": ("plugins", "allow", "list"),
     "HOST_PLUGINS_DENY": ("plugins", "deny", "list"),
+    "HOST_HTTP_ADDR": ("http", "addr", "str"),
 }
 
 _CORE_SECTIONS: dict[str, type[msgspec.Struct]] = {
     "host": HostSection,
     "logging": LoggingSection,
     "plugins": PluginsSection,
+    "http": HttpSection,
 }
 
 

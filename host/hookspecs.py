@@ -90,8 +90,8 @@ def register_middleware(host: Host, register: Callable[..., None]) -> None:
 
     pluggy's own wrappers cannot time ``async`` code, so middleware is a plain async callable:
     ``async def middleware(message, call_next) -> None`` that awaits ``call_next(message)`` to continue
-    (or does not, to stop the message). The host builds the chain once at startup; the first
-    registered middleware is the outermost.
+    (or does not, to stop the message). Called once at startup (again on hot reload); the host builds
+    the chain from what is registered, the first registered middleware outermost.
 
     :param host: the running host.
     :param register: ``register(middleware)``.
@@ -132,7 +132,8 @@ def on_shutdown(host: Host) -> None:
     :param host: the running host.
 
     Return nothing. Results: every implementation is called. ``async def`` allowed. Timeout
-    ``[host.timeouts] on_shutdown`` (default 10 s). Errors are logged; shutdown continues.
+    ``[host.timeouts] on_shutdown`` (default 10 s). If it raises or times out, the error is logged
+    and shutdown continues.
     """
 
 
@@ -164,6 +165,8 @@ def on_message(host: Host, message: Message) -> ReplyResult:
 @hookspec
 def on_event(host: Host, event: Event) -> None:
     """A platform event arrived (member added, group renamed, card button pressed...).
+
+    Called once per event as the connector receives it (connectors deduplicate on the event id).
 
     :param host: the running host.
     :param event: the typed event.

@@ -1,0 +1,326 @@
+"""The host's HTTP server: ``/metrics``, ``/healthz``, ``/readyz``, and routes added by plugins.
+
+A Starlette app served by hypercorn on trio, started by ``Host.run`` inside its nursery before the
+plugins start (so ``/healthz`` answers and ``/readyz`` says "starting" during startup) and stopped
+when the host stops. Configured by the ``[http]`` section (``addr``, ``enabled``) or ``HOST_HTTP_ADDR``.
+
+============  ==============================================================================
+``/metrics``  Prometheus text exposition of ``host.metrics`` (every host and plugin metric).
+``/healthz``  200 while the process serves requests (liveness).
+``/readyz``   200 when ``host.is_ready()`` (started, plugins started, every connector ready) and
+              not shutting down; otherwise 503. Both carry a JSON body saying what is not ready.
+============  ==============================================================================
+
+Plugins add routes on the same server through ``host.http`` (created before ``register_connectors``
+runs, so a webhook connector can add its callback path there)::
+
+    async def callback(request: starlette.requests.Request) -> starlette.responses.Response: ...
+    host.http.add_route("/dingtalk/callback", callback, methods=["POST"])
+
+Each route remembers the plugin that added it (``remove_routes(plugin)`` drops them on unload), and an
+exception escaping a plugin's coroutine endpoint is logged and answered with a plain 500, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.types import ASGIApp
+
+from host.errors import HostError
+from host.logs import current_plugin, logger
+
+if TYPE_CHECKING:
+    from host.config import HttpSection
+    from host.runtime import Host
+
+__all__ = ["BUILTIN_PATHS", "HttpServer", "HttpServerError", "RouteInfo"]
+
+#: Paths the host serves itself; plugins cannot take them.
+BUILTIN_PATHS = ("/metrics", "/healthz", "/readyz")
+
+
+class HttpServerError(HostError):
+    """The HTTP server could not start (address in use, unresolvable, not permitted...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """One route on the server: its path, what it is, and who added it (``host`` or a plugin)."""
+
+    path: str
+    kind: Literal["http", "websocket", "mount"]
+    owner: str
+    methods: tuple[str, ...] = ()
+
+
+class HttpServer:
+    """The host's HTTP server. One per ``Host``, available as ``host.http``.
+
+    Routes may be added or removed at any time, before or while serving: the router is consulted
+    on every request.
+    """
+
+    def __init__(self, host: Host, settings: HttpSection) -> None:
+        self._host = host
+        self.settings = settings
+        self._url: str | None = None
+        self._listening = trio.Event()
+        self._owners: dict[int, RouteInfo] = {}  # id(route) -> info
+        self._started_at = time.monotonic()
+        self.app = Starlette(
+            routes=[
+                Route("/metrics", self._metrics, methods=["GET"], name="metrics"),
+                Route("/healthz", self._healthz, methods=["GET"], name="healthz"),
+                Route("/readyz", self._readyz, methods=["GET"], name="readyz"),
+            ]
+        )
+        for route in self.app.router.routes:
+            assert isinstance(route, Route)
+            self._owners[id(route)] = RouteInfo(route.path, "http", "host", tuple(sorted(route.methods or ())))
+
+    # -- configuration and state -------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """``[http] enabled``: whether ``Host.run`` starts the server."""
+        return self.settings.enabled
+
+    @property
+    def url(self) -> str:
+        """The base URL the server listens on, e.g. ``http://127.0.0.1:9464`` (the real port when
+        ``addr`` asked for port 0). ``RuntimeError`` when the server is not listening."""
+        if self._url is None:
+            reason = "disabled ([http] enabled = false)" if not self.enabled else "not started"
+            raise RuntimeError(f"the HTTP server is not listening: {reason}")
+        return self._url
+
+    @property
+    def listening(self) -> bool:
+        return self._url is not None
+
+    async def wait_listening(self) -> None:
+        """Return once the server accepts connections."""
+        await self._listening.wait()
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def add_route(
+        self,
+        path: str,
+        endpoint: Callable[..., Any],
+        *,
+        methods: Sequence[str] = ("GET",),
+        name: str | None = None,
+        owner: str | None = None,
+    ) -> RouteInfo:
+        """Serve ``endpoint`` (a Starlette endpoint: ``async def f(request) -> Response``) at ``path``.
+
+        ``owner`` defaults to the plugin whose hook is running. ``ValueError`` when the path is not
+        absolute or is already served (by the host, another route or a mount above it).
+        """
+        owner = self._owner(owner)
+        if inspect.iscoroutinefunction(endpoint):
+            endpoint = _guarded(endpoint, owner, path)
+        route = Route(path, endpoint, methods=list(methods), name=name)
+        return self._add(route, RouteInfo(path, "http", owner, tuple(sorted(route.methods or ()))))
+
+    def add_websocket_route(
+        self,
+        path: str,
+        endpoint: Callable[..., Any],
+        *,
+        name: str | None = None,
+        owner: str | None = None,
+    ) -> RouteInfo:
+        """Serve a Starlette WebSocket endpoint (``async def f(websocket)``) at ``path``."""
+        owner = self._owner(owner)
+        return self._add(WebSocketRoute(path, endpoint, name=name), RouteInfo(path, "websocket", owner))
+
+    def mount(self, path: str, app: ASGIApp, *, name: str | None = None, owner: str | None = None) -> RouteInfo:
+        """Serve a whole ASGI app (e.g. an admin API built as its own Starlette app) under ``path``."""
+        owner = self._owner(owner)
+        if path.rstrip("/") == "":
+            raise ValueError("cannot mount at '/': it would shadow /metrics, /healthz and /readyz")
+        return self._add(Mount(path.rstrip("/"), app=app, name=name), RouteInfo(path.rstrip("/"), "mount", owner))
+
+    def remove_routes(self, owner: str) -> int:
+        """Remove every route ``owner`` added (a plugin being unloaded); returns how many."""
+        if owner == "host":
+            raise ValueError("the host's own routes cannot be removed")
+        kept, removed = [], 0
+        for route in self.app.router.routes:
+            if self._owners.get(id(route), RouteInfo("", "http", "host")).owner == owner:
+                del self._owners[id(route)]
+                removed += 1
+            else:
+                kept.append(route)
+        self.app.router.routes[:] = kept
+        return removed
+
+    def routes(self) -> list[RouteInfo]:
+        """Every route served, in matching order."""
+        return [self._owners[id(r)] for r in self.app.router.routes if id(r) in self._owners]
+
+    def _owner(self, owner: str | None) -> str:
+        return owner or current_plugin.get() or "host"
+
+    def _add(self, route: BaseRoute, info: RouteInfo) -> RouteInfo:
+        if not info.path.startswith("/"):
+            raise ValueError(f"route path must start with '/': {info.path!r}")
+        for existing in self.routes():
+            if _overlaps(existing, info):
+                raise ValueError(
+                    f"cannot add {info.kind} route {info.path!r} for {info.owner}: "
+                    f"{existing.path!r} is already served by {existing.owner}"
+                )
+        self.app.router.routes.append(route)
+        self._owners[id(route)] = info
+        logger.debug("HTTP route {} ({}) added by {}", info.path, info.kind, info.owner)
+        return info
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``[http] addr`` and serve until cancelled; ``task_status.started(url)``.
+
+        Raises ``HttpServerError`` naming the address and the reason when it cannot listen.
+        """
+        import hypercorn.config
+        import hypercorn.trio
+
+        config = hypercorn.config.Config()
+        config.bind = [self.settings.addr]
+        config.accesslog = None  # scrapes every few seconds would flood the log
+        # A Logger instance is used as is; hypercorn would otherwise install its own stderr handler.
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.include_server_header = False
+        try:
+            async with trio.open_nursery() as nursery:
+                binds: list[str] = await nursery.start(
+                    functools.partial(hypercorn.trio.serve, self.app, config, mode="asgi")
+                )
+                self._url = binds[0]
+                self._listening.set()
+                logger.info("HTTP server listening on {} (/metrics, /healthz, /readyz)", self._url)
+                task_status.started(self._url)
+        except (OSError, BaseExceptionGroup) as error:
+            # hypercorn binds inside its own nursery, so the OSError arrives wrapped in a group.
+            failure = _first_os_error(error)
+            if failure is None:
+                raise
+            reason = failure.strerror or str(failure)
+            message = f"HTTP server cannot listen on {self.settings.addr!r} ([http] addr or HOST_HTTP_ADDR): {reason}"
+            logger.error("{}", message)
+            raise HttpServerError(message) from None
+        finally:
+            self._url = None
+            self._listening = trio.Event()
+
+    # -- the built-in endpoints --------------------------------------------------------------
+
+    async def _metrics(self, request: Request) -> Response:
+        try:
+            body = self._host.metrics.render()
+        except Exception as exc:
+            # A broken custom collector must not take the whole endpoint down silently.
+            logger.opt(exception=exc).error("metrics collection failed: {!r}", exc)
+            return PlainTextResponse("metrics collection failed; see the host log\n", status_code=500)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def _healthz(self, request: Request) -> Response:
+        # Answering at all proves the event loop runs; that is what liveness means here.
+        return JSONResponse({"status": "ok", "uptime_seconds": round(time.monotonic() - self._started_at, 3)})
+
+    async def _readyz(self, request: Request) -> Response:
+        report = self.readiness()
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` answers: ``ready`` plus the reasons when not."""
+        host = self._host
+        reasons: list[str] = []
+        if not host.started:
+            reasons.append("host has not finished starting")
+        if host.closed:
+            reasons.append("host is shutting down")
+        connectors: dict[str, bool] = {}
+        for name, connector in host.connectors.items():
+            try:
+                connectors[name] = bool(connector.is_ready())
+            except Exception as exc:
+                logger.error("connector {}: is_ready() raised {!r}", name, exc)
+                connectors[name] = False
+            if not connectors[name]:
+                reasons.append(f"connector {name} is not ready")
+        ready = not reasons
+        if ready:
+            try:
+                ready = host.is_ready()
+            except Exception as exc:
+                logger.error("host.is_ready() raised {!r}", exc)
+                ready = False
+            if not ready:
+                reasons.append("host reports not ready")
+        records = host.plugins.records.values()
+        return {
+            "ready": ready,
+            "reasons": reasons,
+            "started": host.started,
+            "connectors": connectors,
+            "plugins": {
+                "loaded": sorted(r.name for r in records if r.state == "loaded"),
+                "failed": sorted(r.name for r in records if r.state == "failed"),
+            },
+        }
+
+
+def _first_os_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` when it is nothing but OSErrors (never swallow a Cancelled)."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        found = [_first_os_error(inner) for inner in error.exceptions]
+        if found and all(f is not None for f in found):
+            return found[0]
+    return None
+
+
+def _overlaps(existing: RouteInfo, new: RouteInfo) -> bool:
+    if existing.path == new.path:
+        return True
+    # A mount serves everything below its path; nothing may be added below it, nor a mount above a route.
+    if existing.kind == "mount" and new.path.startswith(existing.path + "/"):
+        return True
+    return new.kind == "mount" and existing.path.startswith(new.path + "/")
+
+
+def _guarded(endpoint: Callable[..., Any], owner: str, path: str) -> Callable[..., Any]:
+    """Run a plugin's endpoint with its plugin name bound for logs; a crash becomes a plain 500."""
+
+    @functools.wraps(endpoint)
+    async def guarded(request: Request) -> Response:
+        token = current_plugin.set(owner)
+        try:
+            response: Response = await endpoint(request)
+            return response
+        except Exception as exc:
+            logger.opt(exception=exc).error("HTTP endpoint {} of {} failed: {!r}", path, owner, exc)
+            return PlainTextResponse("internal error\n", status_code=500)
+        finally:
+            current_plugin.reset(token)
+
+    return guarded

@@ -1,0 +1,119 @@
+"""Per-implementation isolation, timeouts and timing in host.dispatch (virtual time)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from host import hookimpl
+from host.config import load_config
+from host.dispatch import Dispatcher
+from host.plugins import PluginManager
+
+
+class Answers:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @hookimpl
+    def on_message(self, message):
+        return self.text
+
+
+class Raises:
+    @hookimpl
+    def on_message(self, message):
+        raise ValueError("plugin bug")
+
+
+class Hangs:
+    @hookimpl
+    async def on_message(self, message):
+        await trio.sleep_forever()
+
+
+class SlowAsync:
+    @hookimpl
+    async def on_message(self, message):
+        await trio.sleep(5)
+        return "slow but fine"
+
+
+def dispatcher(*plugins: tuple[str, object], config: dict | None = None) -> Dispatcher:
+    manager = PluginManager()
+    for name, obj in plugins:
+        manager.add(name, obj)
+    return Dispatcher(manager, load_config(data=config or {}, environ={}).host)
+
+
+@pytest.mark.anyio
+async def test_raising_implementation_does_not_stop_others(host_logs) -> None:
+    d = dispatcher(("first", Answers("one")), ("bad", Raises()), ("last", Answers("two")))
+    outcomes = await d.call("on_message", host=None, message=None)
+    assert [o.plugin for o in outcomes] == ["last", "bad", "first"]  # pluggy order: LIFO
+    assert [o.value for o in outcomes if o.ok] == ["two", "one"]
+    bad = next(o for o in outcomes if o.plugin == "bad")
+    assert isinstance(bad.error, ValueError)
+    assert d.statistics()[("bad", "on_message")].errors == 1
+    error = host_logs.errors()[0]
+    assert error["plugin"] == "bad"
+    assert "plugin bad raised in on_message" in error["message"]
+
+
+@pytest.mark.anyio
+async def test_hanging_implementation_times_out_per_plugin_setting() -> None:
+    d = dispatcher(
+        ("hangs", Hangs()),
+        ("slow", SlowAsync()),
+        config={"host": {"timeouts": {"on_message": 2}, "plugin_timeouts": {"slow": {"on_message": 10}}}},
+    )
+    start = trio.current_time()
+    outcomes = await d.call("on_message", host=None, message=None)
+    by_plugin = {o.plugin: o for o in outcomes}
+    assert by_plugin["hangs"].timed_out
+    assert by_plugin["slow"].value == "slow but fine"
+    assert trio.current_time() - start == pytest.approx(7)  # 2 s timeout + 5 s slow call
+    assert d.statistics()[("hangs", "on_message")].timeouts == 1
+    assert d.timeout_for("slow", "on_message") == 10
+    assert d.timeout_for("hangs", "on_startup") == 30
+
+
+@pytest.mark.anyio
+async def test_latency_is_recorded_per_plugin_and_hook() -> None:
+    d = dispatcher(("slow", SlowAsync()))
+    for _ in range(3):
+        await d.call("on_message", host=None, message=None)
+    stats = d.statistics()[("slow", "on_message")]
+    assert stats.count == 3
+    assert sum(stats.buckets) == 3
+
+
+@pytest.mark.anyio
+async def test_paused_plugin_gets_no_new_calls_and_drains() -> None:
+    d = dispatcher(("slow", SlowAsync()), ("fast", Answers("x")))
+    results: list[list[str]] = []
+
+    async def call() -> None:
+        results.append([o.plugin for o in await d.call("on_message", host=None, message=None)])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.sleep(1)
+        d.pause("slow")
+        assert d.inflight["slow"] == 1
+        await call()  # while paused: only "fast"
+        assert await d.wait_plugin_idle("slow", timeout=10)
+    assert ["fast"] in results and ["fast", "slow"] in results
+    d.resume("slow")
+    assert [o.plugin for o in await d.call("on_message", host=None, message=None)] == ["fast", "slow"]
+
+
+def test_registration_hooks_must_be_sync() -> None:
+    class AsyncRegister:
+        @hookimpl
+        async def register_commands(self, register):
+            pass
+
+    d = dispatcher(("bad", AsyncRegister()))
+    [outcome] = d.call_sync("register_commands", register=lambda *a, **k: None)
+    assert isinstance(outcome.error, TypeError)
