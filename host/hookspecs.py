@@ -189,8 +189,8 @@ def on_audit(host: Host, entry: AuditEntry) -> None:
     :param entry: the action.
 
     Return nothing. Results: every implementation is called. ``async def`` allowed. Timeout
-    ``[host.timeouts] on_audit`` (default 5 s). Errors are logged at ERROR (a lost audit record is
-    serious) and counted; the audited action itself is not undone.
+    ``[host.timeouts] on_audit`` (default 5 s). If it raises or times out, the error is logged at
+    ERROR (a lost audit record is serious) and counted; the audited action itself is not undone.
     """
 
 

@@ -24,6 +24,7 @@ import trio
 from host.config import Config, redact
 from host.connector import Connector, ReplyStream
 from host.dispatch import Dispatcher
+from host.http import HttpServer
 from host.logs import current_plugin, current_request_id, logger
 from host.metrics import HookStatsCollector, Metrics
 from host.model import AuditEntry, Conversation, Event, Message, Reply
@@ -44,6 +45,8 @@ class Host:
         self.plugins = plugins
         self.metrics = metrics or Metrics()
         self.dispatcher = Dispatcher(plugins, config.host)
+        #: The HTTP server (/metrics, /healthz, /readyz); plugins add routes to it. Started by ``run``.
+        self.http = HttpServer(self, config.section("http"))
         self.connectors: dict[str, Connector] = {}
         self.middleware: list[tuple[str, Middleware]] = []
         settings = config.host
@@ -207,6 +210,8 @@ class Host:
         """Start everything, serve until ``request_shutdown``, then stop gracefully."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._audit_flusher)
+            if self.http.enabled:
+                await nursery.start(self.http.run)  # stopped by the cancel at the end of run
             await self._startup()
             self._audit_ready.set()
             async with trio.open_nursery() as workers:

@@ -87,7 +87,7 @@ async def open_test_host(
     off unless configured). Installed plugins are loaded too only when ``entry_points=True``. The host
     is shut down gracefully on exit.
     """
-    data = {"logging": {"dir": ""}}
+    data: dict[str, Any] = {"logging": {"dir": ""}, "http": {"enabled": False}}  # HTTP only when asked
     for key, value in (config or {}).items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     host = build_host(load_config(data=data, environ={}), plugins=plugins, entry_points=entry_points)
