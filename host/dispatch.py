@@ -20,9 +20,12 @@ Timeouts resolve as ``[host.plugin_timeouts.<plugin>] <hook>``, then ``[host.tim
 from __future__ import annotations
 
 import inspect
+import math
 import time
-from collections.abc import Awaitable
+import types
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -35,6 +38,9 @@ if TYPE_CHECKING:
     from host.plugins import PluginManager
 
 __all__ = ["DEFAULT_TIMEOUTS", "Dispatcher", "Outcome"]
+
+# Results that are certainly not awaitable (checked by exact type: ABC isinstance checks are slow).
+_PLAIN_RESULTS = frozenset({str, bool, int, float, list, tuple, dict})
 
 #: Seconds, per hook. Registration hooks are synchronous and untimed.
 DEFAULT_TIMEOUTS: dict[str, float] = {
@@ -148,47 +154,93 @@ class Dispatcher:
 
     async def call(self, hook: str, **kwargs: Any) -> list[Outcome]:
         """Call every implementation of ``hook`` in order, each isolated. Never raises for them."""
-        outcomes = []
-        for impl in self._impls(hook):
-            if impl.plugin in self.paused:
-                continue
-            outcomes.append(await self._call_one(impl, hook, kwargs))
-        return outcomes
+        return await self._call_all(self._impls(hook), hook, kwargs)
 
     async def call_plugin(self, plugin: str, hook: str, **kwargs: Any) -> Outcome | None:
         """Call one plugin's implementation of ``hook`` (``None`` if it has none)."""
-        for impl in self._impls(hook):
-            if impl.plugin == plugin:
-                return await self._call_one(impl, hook, kwargs)
-        return None
+        impls = [i for i in self._impls(hook) if i.plugin == plugin]
+        outcomes = await self._call_all(impls, hook, kwargs, include_paused=True)
+        return outcomes[0] if outcomes else None
 
-    async def _call_one(self, impl: _Impl, hook: str, kwargs: dict[str, Any]) -> Outcome:
+    async def _call_all(
+        self, impls: list[_Impl], hook: str, kwargs: dict[str, Any], include_paused: bool = False
+    ) -> list[Outcome]:
+        # Timeouts: one cancel scope for the whole call, its deadline armed only while an
+        # implementation is actually blocked. Trio charges several microseconds to enter a scope or
+        # move a deadline, so a scope per implementation would dominate the cost of trivial hooks.
+        outcomes: list[Outcome] = []
+        if not any(impl.is_async for impl in impls):
+            for impl in impls:
+                if impl.plugin not in self.paused or include_paused:
+                    outcomes.append(await self._call_one(impl, hook, kwargs, None))
+            return outcomes
+        index, count = 0, len(impls)
+        while index < count:
+            with trio.CancelScope() as scope:
+                while index < count:
+                    impl = impls[index]
+                    index += 1
+                    if impl.plugin in self.paused and not include_paused:
+                        continue
+                    outcomes.append(await self._call_one(impl, hook, kwargs, scope))
+                    # Only an implementation that blocked can have hit the deadline (and this
+                    # property is not free: it reads the clock).
+                    if scope.deadline != math.inf and scope.cancel_called:
+                        # It swallowed our Cancelled: still a timeout.
+                        outcomes.pop()
+                        break
+            if scope.cancelled_caught or (scope.deadline != math.inf and scope.cancel_called):
+                outcomes.append(self._timed_out(impls[index - 1], hook))
+        return outcomes
+
+    async def _call_one(
+        self, impl: _Impl, hook: str, kwargs: dict[str, Any], scope: trio.CancelScope | None
+    ) -> Outcome:
         plugin = impl.plugin
         token = current_plugin.set(plugin)
-        self.inflight[plugin] = self.inflight.get(plugin, 0) + 1
+        inflight = self.inflight
+        inflight[plugin] = inflight.get(plugin, 0) + 1
         start = time.perf_counter()
         try:
-            if impl.is_async:
-                with trio.move_on_after(impl.timeout) as scope:
-                    value = await impl.function(*[kwargs[a] for a in impl.argnames])
-                if scope.cancelled_caught:
-                    return self._timed_out(impl, hook)
-            else:
-                value = impl.function(*[kwargs[a] for a in impl.argnames])
-                if isinstance(value, Awaitable):
-                    with trio.move_on_after(impl.timeout) as scope:
+            value = impl.function(*[kwargs[a] for a in impl.argnames])
+            if value is None or type(value) in _PLAIN_RESULTS:
+                pass
+            elif type(value) is CoroutineType and scope is not None:
+                # Run the first step eagerly: most implementations finish without blocking, and
+                # then no deadline needs arming at all.
+                try:
+                    trap = value.send(None)
+                except StopIteration as done:
+                    value = done.value
+                else:
+                    scope.deadline = trio.current_time() + impl.timeout
+                    try:
+                        value = await _resume(value, trap)
+                    finally:
+                        if not scope.cancel_called:
+                            scope.deadline = math.inf
+            elif hasattr(type(value), "__await__"):
+                if scope is None:
+                    # A sync implementation returned an awaitable that has not started yet.
+                    with trio.move_on_after(impl.timeout) as own_scope:
                         value = await value
-                    if scope.cancelled_caught:
+                    if own_scope.cancelled_caught:
                         return self._timed_out(impl, hook)
-                elif time.perf_counter() - start > impl.timeout:
-                    logger.warning(
-                        "plugin {} blocked the event loop in {} for {:.1f}s (timeout {}s); "
-                        "make it async",
-                        plugin,
-                        hook,
-                        time.perf_counter() - start,
-                        impl.timeout,
-                    )
+                else:
+                    scope.deadline = trio.current_time() + impl.timeout
+                    try:
+                        value = await value
+                    finally:
+                        if not scope.cancel_called:
+                            scope.deadline = math.inf
+            elif time.perf_counter() - start > impl.timeout:
+                logger.warning(
+                    "plugin {} blocked the event loop in {} for {:.1f}s (timeout {}s); make it async",
+                    plugin,
+                    hook,
+                    time.perf_counter() - start,
+                    impl.timeout,
+                )
             return Outcome(plugin, value)
         except Exception as exc:
             impl.stats.errors += 1
@@ -196,7 +248,7 @@ class Dispatcher:
             return Outcome(plugin, error=exc)
         finally:
             impl.stats.observe(time.perf_counter() - start)
-            remaining = self.inflight[plugin] = self.inflight[plugin] - 1
+            remaining = inflight[plugin] = inflight[plugin] - 1
             if remaining == 0 and plugin in self.paused:
                 self._wake_idle()
             current_plugin.reset(token)
@@ -223,9 +275,9 @@ class Dispatcher:
     def resume(self, plugin: str) -> None:
         self.paused.discard(plugin)
 
-    async def wait_plugin_idle(self, plugin: str, timeout: float) -> bool:
-        """Wait until ``plugin`` has no call in flight; ``False`` if ``timeout`` passed first."""
-        with trio.move_on_after(timeout):
+    async def wait_plugin_idle(self, plugin: str, deadline_seconds: float) -> bool:
+        """Wait until ``plugin`` has no call in flight; ``False`` if ``deadline_seconds`` passed first."""
+        with trio.move_on_after(deadline_seconds):
             while self.inflight.get(plugin, 0) > 0:
                 self._idle = trio.Event()
                 await self._idle.wait()
@@ -241,3 +293,21 @@ class Dispatcher:
         """Live per-(plugin, hook) latency and failure counters (not a copy)."""
         return self._stats
 
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, Any, Any]:
+    """Continue driving a coroutine whose first step already ran, yielding its traps to trio."""
+    while True:
+        try:
+            sent = yield trap
+        except BaseException as exc:
+            try:
+                trap = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = coro.send(sent)
+            except StopIteration as done:
+                return done.value

@@ -53,10 +53,11 @@ class Metrics:
         with self._lock:
             existing = self._metrics.get(full)
             if existing is not None:
-                if not isinstance(existing, kind) or tuple(existing._labelnames) != tuple(labelnames):
+                existing_labels = tuple(getattr(existing, "_labelnames", ()))
+                if not isinstance(existing, kind) or existing_labels != tuple(labelnames):
                     raise ValueError(
                         f"metric {full!r} already exists as {type(existing).__name__}"
-                        f" with labels {existing._labelnames}"
+                        f" with labels {existing_labels}"
                     )
                 return existing
             metric = kind(full, documentation, labelnames=tuple(labelnames), registry=self.registry, **kw)

@@ -290,7 +290,7 @@ class Host:
                 task_status.started()
 
         try:
-            await connector.serve(self, task_status=_Status())  # type: ignore[arg-type]
+            await connector.serve(self, task_status=_Status())
         except Exception as exc:
             logger.opt(exception=exc).error("connector {} failed: {!r}", connector.name, exc)
             self.audit_soon("connector", "fail", target=connector.name, details={"error": repr(exc)})
@@ -349,9 +349,10 @@ class Host:
             message.context["_outcome"] = "answered"
         elif failed:
             await self._apologize(message)
-        elif self.config.host.fallback_reply:
-            if await self._deliver(message, Reply.text_(self.config.host.fallback_reply)):
-                message.context["_outcome"] = "fallback"
+        elif self.config.host.fallback_reply and await self._deliver(
+            message, Reply.text_(self.config.host.fallback_reply)
+        ):
+            message.context["_outcome"] = "fallback"
 
     async def _apologize(self, message: Message) -> None:
         message.context["_outcome"] = "apology"
@@ -587,8 +588,12 @@ def build_host(
     if entry_points:
         manager.load_entry_points()
     for name, obj in plugins:
-        record = manager.load(name, lambda obj=obj: obj, module=getattr(obj, "__name__", None))
+        record = manager.load(name, _constant(obj), module=getattr(obj, "__name__", None))
         if record.state == "loaded" and record.version is None:
             record.version = getattr(obj, "__version__", None)
     host.configure()
     return host
+
+
+def _constant(obj: Any) -> Callable[[], Any]:
+    return lambda: obj

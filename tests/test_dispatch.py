@@ -102,7 +102,7 @@ async def test_paused_plugin_gets_no_new_calls_and_drains() -> None:
         d.pause("slow")
         assert d.inflight["slow"] == 1
         await call()  # while paused: only "fast"
-        assert await d.wait_plugin_idle("slow", timeout=10)
+        assert await d.wait_plugin_idle("slow", deadline_seconds=10)
     assert ["fast"] in results and ["fast", "slow"] in results
     d.resume("slow")
     assert [o.plugin for o in await d.call("on_message", host=None, message=None)] == ["fast", "slow"]

@@ -1,0 +1,149 @@
+"""``DingTalkConnector``: the host ``Connector`` for DingTalk Stream mode.
+
+One connector serves every configured app (``[dingtalk.apps.*]``): each app has its own
+``AppStream`` (connections, reconnect loop), its own dedup scope and its own ``FrameRouter``; a
+failing app does not affect the others. Messages carry the app's configured name in
+``Message.app_id``, and replies go back through the app the message came from.
+
+Lifecycle (driven by the host)::
+
+    await nursery.start(connector.serve, intake)  # returns once every app is connected
+                                                  # (or after [dingtalk.stream] startup_wait)
+    await connector.stop()                        # stop reading, let in-flight events finish
+                                                  # and ACK, close sockets with 1000; returns
+                                                  # when serve has returned
+    await connector.aclose()                      # close the reply HTTP client (plugin on_shutdown)
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+from host.logs import logger
+from host.metrics import Metrics
+from host.model import Conversation, Message, Reply
+
+from host_dingtalk_connector.config import AppConfig, StreamSettings
+from host_dingtalk_connector.convert import PLATFORM
+from host_dingtalk_connector.dedup import DedupCache
+from host_dingtalk_connector.identity import IdentityResolver, NullResolver
+from host_dingtalk_connector.metrics import ConnectorMetrics
+from host_dingtalk_connector.replies import Outbox
+from host_dingtalk_connector.router import FrameRouter
+from host_dingtalk_connector.stream import AppStream, make_ssl_context
+
+if TYPE_CHECKING:
+    from host.connector import Intake, ReplyStream
+
+__all__ = ["DingTalkConnector"]
+
+
+class DingTalkConnector:
+    """DingTalk Stream-mode connector for one or more apps."""
+
+    platform = PLATFORM
+
+    def __init__(
+        self,
+        name: str,
+        apps: Sequence[AppConfig],
+        settings: StreamSettings | None = None,
+        *,
+        metrics: Metrics | None = None,
+        resolver: IdentityResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        rng: Callable[[], float] | None = None,
+    ) -> None:
+        if not apps:
+            raise ValueError("DingTalkConnector needs at least one app")
+        self.name = name
+        self.apps = {app.name: app for app in apps}
+        self.settings = settings or StreamSettings()
+        self.metrics = ConnectorMetrics(metrics or Metrics())
+        self.resolver = resolver or NullResolver()
+        self.ssl_context = ssl_context or make_ssl_context()
+        self.outbox = Outbox(ssl_context=self.ssl_context)
+        self.streams: dict[str, AppStream] = {}
+        self._rng = rng
+        self._stop = trio.Event()
+        self._done = trio.Event()
+        self._serving = False
+
+    def __repr__(self) -> str:
+        return f"DingTalkConnector(name={self.name!r}, apps={sorted(self.apps)})"
+
+    # -- Connector protocol -------------------------------------------------------------------------
+
+    async def serve(self, intake: Intake, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect every app and serve until ``stop()``."""
+        self._serving = True
+        settings = self.settings
+        try:
+            async with trio.open_nursery() as nursery:
+                for app in self.apps.values():
+                    dedup = DedupCache(ttl=settings.dedup_ttl, max_entries=settings.dedup_max_entries)
+                    self.metrics.dedup_entries.labels(app.name).set_function(dedup.__len__)
+                    router = FrameRouter(
+                        app=app,
+                        connector_name=self.name,
+                        settings=settings,
+                        intake=intake,
+                        resolver=self.resolver,
+                        dedup=dedup,
+                        metrics=self.metrics,
+                        on_accepted=self.outbox.remember,
+                    )
+                    stream = AppStream(app, settings, router, self.metrics, ssl_context=self.ssl_context, rng=self._rng)
+                    self.streams[app.name] = stream
+                    nursery.start_soon(stream.run)
+                with trio.move_on_after(settings.startup_wait):
+                    for stream in self.streams.values():
+                        await stream.wait_connected()
+                waiting = [name for name, s in self.streams.items() if not s.is_ready()]
+                if waiting:
+                    logger.warning(
+                        "dingtalk connector {}: app(s) {} not connected after {}s; starting anyway, still retrying",
+                        self.name, ", ".join(waiting), settings.startup_wait,
+                    )  # fmt: skip
+                task_status.started()
+                await self._stop.wait()
+                for stream in self.streams.values():
+                    stream.request_stop()
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop reading, let in-flight events finish (bounded), close the sockets; wait for ``serve``."""
+        self._stop.set()
+        if self._serving:
+            await self._done.wait()
+
+    def is_ready(self) -> bool:
+        """``True`` while every app has an open connection."""
+        return bool(self.streams) and all(s.is_ready() for s in self.streams.values())
+
+    async def deliver(self, message: Message, reply: Reply) -> None:
+        await self.outbox.deliver(message, reply)
+
+    async def open_stream(self, message: Message) -> ReplyStream:
+        return await self.outbox.open_stream(message)
+
+    async def send(self, target: Conversation, reply: Reply, *, app_id: str | None = None) -> None:
+        if app_id is not None and app_id not in self.apps:
+            # Accept the client id as well as the configured name.
+            by_client = {a.client_id: a.name for a in self.apps.values()}
+            app_id = by_client.get(app_id, app_id)
+        await self.outbox.send(target, reply, app_id=app_id)
+
+    # -- extras --------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Release the reply client. Safe to call more than once."""
+        await self.outbox.aclose()
+
+    def statistics(self) -> dict[str, Any]:
+        """Per-app connection and dedup state, for introspection and tests."""
+        return {name: stream.statistics() for name, stream in self.streams.items()}
