@@ -22,11 +22,12 @@ from host.dispatch import Dispatcher
 from host.errors import ConfigError
 from host.logs import current_plugin, logger, setup_logging
 from host.plugins import HOST_API_VERSION, PluginManager
+from host.reload import send_control_command
 from host.runtime import Host, build_host
 
 __all__ = ["main", "run_until_signal"]
 
-_BUILTIN = {"run", "plugins", "config"}
+_BUILTIN = {"run", "plugins", "config", "reload"}
 
 
 class _Command:
@@ -73,6 +74,12 @@ def _build_parser(commands: dict[str, _Command]) -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     config_sub.add_parser("check", help="validate the configuration without running")
     config_sub.add_parser("show", help="print the validated configuration, secrets redacted")
+    reload = sub.add_parser(
+        "reload",
+        help="tell the running host to reload a plugin (or the configuration and every changed plugin)",
+    )
+    reload.add_argument("plugin", nargs="?", help="plugin name; omit to reload everything that changed")
+    reload.add_argument("--json", action="store_true", help="print the host's JSON answer")
     for command in commands.values():
         p = sub.add_parser(command.name, help=f"{command.help} [plugin {command.plugin}]")
         if command.configure is not None:
@@ -114,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_config(config, manager, show=args.config_command == "show")
     if command == "run":
         return run(config, manager)
+    if command == "reload":
+        return _cmd_reload(config, args.plugin, as_json=args.json)
     return commands[command].run(args)
 
 
@@ -154,6 +163,31 @@ def _cmd_config(config: Config, manager: PluginManager, *, show: bool) -> int:
     return 0
 
 
+def _cmd_reload(config: Config, plugin: str | None, *, as_json: bool) -> int:
+    path = config.host.control_socket
+    if not path:
+        print("the control socket is disabled ([host] control_socket is empty); send SIGHUP instead",
+              file=sys.stderr)
+        return 2
+    try:
+        answer = send_control_command(path, {"command": "reload", "plugin": plugin})
+    except OSError as exc:
+        print(f"cannot reach the running host at {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(msgspec.json.encode(answer).decode())
+    elif "error" in answer:
+        print(f"refused: {answer['error']}", file=sys.stderr)
+    else:
+        if not answer["results"]:
+            print("nothing changed")
+        for result in answer["results"]:
+            versions = f"{result['old_version'] or '-'} -> {result['new_version'] or '-'}"
+            error = f": {result['error']}" if result.get("error") else ""
+            print(f"{result['plugin']}: {result['outcome']} ({versions}){error}")
+    return 0 if answer.get("ok") else 1
+
+
 def run(config: Config, manager: PluginManager | None = None) -> int:
     """Run the host until a signal; returns the exit code."""
     setup_logging(config.logging, development=config.host.environment == "development")
@@ -172,13 +206,20 @@ def run(config: Config, manager: PluginManager | None = None) -> int:
 
 
 async def run_until_signal(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Run ``host``; the first SIGINT/SIGTERM shuts down gracefully, a second one immediately."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Run ``host``; the first SIGINT/SIGTERM shuts down gracefully, a second one immediately.
+
+    SIGHUP reloads the configuration and every plugin whose installed version changed.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        logger.info("received SIGHUP: reloading configuration and changed plugins")
+                        host.reloader.request(None)
+                        continue
                     if host._shutdown.is_set():
                         logger.warning("second {}: stopping immediately", name)
                         nursery.cancel_scope.cancel()

@@ -35,6 +35,7 @@ __all__ = [
     "HttpSection",
     "LoggingSection",
     "PluginsSection",
+    "ReloadSection",
     "Secret",
     "known_secret_values",
     "load_config",
@@ -126,6 +127,23 @@ def _dec_hook(type_: type, obj: Any) -> Any:
     raise NotImplementedError(type_)
 
 
+class ReloadSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[host.reload]``: hot reload of plugins and configuration."""
+
+    #: A directory of drop-in plugins (``name.py`` or ``name/__init__.py``), loaded at startup and
+    #: reloaded when their files change. Empty: none.
+    plugins_dir: str = ""
+    #: Reload drop-in plugins when their files change (watchfiles); else only on request/SIGHUP.
+    watch_plugins_dir: bool = True
+    #: Poll the installed ``host.plugins`` entry points and reload what pip installed, upgraded or removed.
+    watch_entry_points: bool = True
+    entry_point_poll_seconds: float = 5.0
+    #: Quiet time after a file change before reloading (an editor saves several files at once).
+    debounce_seconds: float = 0.5
+    #: Seconds to wait for a plugin's in-flight calls before swapping it anyway.
+    drain_timeout: float = 30.0
+
+
 class HostSection(msgspec.Struct, forbid_unknown_fields=True):
     """``[host]``: the runtime."""
 
@@ -147,6 +165,10 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True):
     plugin_timeouts: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     #: ``development`` turns on loguru's variable-printing tracebacks (they may print secrets).
     environment: Literal["production", "development"] = "production"
+    #: Unix socket (created 0600) through which ``python -m host reload`` commands the running host;
+    #: empty disables it.
+    control_socket: str = ".host/control.sock"
+    reload: ReloadSection = msgspec.field(default_factory=ReloadSection)
 
 
 class LoggingSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -202,6 +224,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str, str]] = {
     "HOST_LOG_DIR": ("logging", "dir", "str"),
     "HOST_ENVIRONMENT": ("host", "environment", "str"),
     "HOST_CONCURRENCY": ("host", "concurrency", "int"),
+    "HOST_CONTROL_SOCKET": ("host", "control_socket", "str"),
     "HOST_PLUGINS_ALLOW": ("plugins", "allow", "list"),
     "HOST_PLUGINS_DENY": ("plugins", "deny", "list"),
     "HOST_HTTP_ADDR": ("http", "addr", "str"),

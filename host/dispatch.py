@@ -132,8 +132,11 @@ class Dispatcher:
 
     def call_sync(self, hook: str, **kwargs: Any) -> list[Outcome]:
         """Call a synchronous hook (registration hooks). Awaitable results are an error."""
+        return self._call_sync_impls(self._impls(hook), hook, kwargs)
+
+    def _call_sync_impls(self, impls: list[_Impl], hook: str, kwargs: dict[str, Any]) -> list[Outcome]:
         outcomes = []
-        for impl in self._impls(hook):
+        for impl in impls:
             token = current_plugin.set(impl.plugin)
             start = time.perf_counter()
             try:
@@ -151,6 +154,11 @@ class Dispatcher:
                 impl.stats.observe(time.perf_counter() - start)
                 current_plugin.reset(token)
         return outcomes
+
+    def call_sync_plugin(self, plugin: str, hook: str, **kwargs: Any) -> Outcome | None:
+        """Call one plugin's implementation of a synchronous hook (``None`` if it has none)."""
+        impls = [i for i in self._impls(hook) if i.plugin == plugin]
+        return self._call_sync_impls(impls, hook, kwargs)[0] if impls else None
 
     async def call(self, hook: str, **kwargs: Any) -> list[Outcome]:
         """Call every implementation of ``hook`` in order, each isolated. Never raises for them."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class HttpServer:
         absolute or is already served (by the host, another route or a mount above it).
         """
         owner = self._owner(owner)
+        _check_path(path)
         if inspect.iscoroutinefunction(endpoint):
             endpoint = _guarded(endpoint, owner, path)
         route = Route(path, endpoint, methods=list(methods), name=name)
@@ -148,11 +150,13 @@ class HttpServer:
     ) -> RouteInfo:
         """Serve a Starlette WebSocket endpoint (``async def f(websocket)``) at ``path``."""
         owner = self._owner(owner)
+        _check_path(path)
         return self._add(WebSocketRoute(path, endpoint, name=name), RouteInfo(path, "websocket", owner))
 
     def mount(self, path: str, app: ASGIApp, *, name: str | None = None, owner: str | None = None) -> RouteInfo:
         """Serve a whole ASGI app (e.g. an admin API built as its own Starlette app) under ``path``."""
         owner = self._owner(owner)
+        _check_path(path)
         if path.rstrip("/") == "":
             raise ValueError("cannot mount at '/': it would shadow /metrics, /healthz and /readyz")
         return self._add(Mount(path.rstrip("/"), app=app, name=name), RouteInfo(path.rstrip("/"), "mount", owner))
@@ -179,8 +183,6 @@ class HttpServer:
         return owner or current_plugin.get() or "host"
 
     def _add(self, route: BaseRoute, info: RouteInfo) -> RouteInfo:
-        if not info.path.startswith("/"):
-            raise ValueError(f"route path must start with '/': {info.path!r}")
         for existing in self.routes():
             if _overlaps(existing, info):
                 raise ValueError(
@@ -202,8 +204,19 @@ class HttpServer:
         import hypercorn.config
         import hypercorn.trio
 
+        try:
+            # We bind the socket ourselves so that a failure is reported plainly (and the socket
+            # closed); hypercorn then serves it through its documented ``fd://`` bind.
+            listener = await _bind(*self.settings.host_port())
+        except OSError as exc:
+            message = (
+                f"HTTP server cannot listen on {self.settings.addr!r} ([http] addr or HOST_HTTP_ADDR): "
+                f"{exc.strerror or exc}"
+            )
+            logger.error("{}", message)
+            raise HttpServerError(message) from None
         config = hypercorn.config.Config()
-        config.bind = [self.settings.addr]
+        config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns (and closes) the socket from here
         config.accesslog = None  # scrapes every few seconds would flood the log
         # A Logger instance is used as is; hypercorn would otherwise install its own stderr handler.
         config.errorlog = logging.getLogger("hypercorn.error")
@@ -217,15 +230,6 @@ class HttpServer:
                 self._listening.set()
                 logger.info("HTTP server listening on {} (/metrics, /healthz, /readyz)", self._url)
                 task_status.started(self._url)
-        except (OSError, BaseExceptionGroup) as error:
-            # hypercorn binds inside its own nursery, so the OSError arrives wrapped in a group.
-            failure = _first_os_error(error)
-            if failure is None:
-                raise
-            reason = failure.strerror or str(failure)
-            message = f"HTTP server cannot listen on {self.settings.addr!r} ([http] addr or HOST_HTTP_ADDR): {reason}"
-            logger.error("{}", message)
-            raise HttpServerError(message) from None
         finally:
             self._url = None
             self._listening = trio.Event()
@@ -288,15 +292,23 @@ class HttpServer:
         }
 
 
-def _first_os_error(error: BaseException) -> OSError | None:
-    """The OSError behind ``error`` when it is nothing but OSErrors (never swallow a Cancelled)."""
-    if isinstance(error, OSError):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        found = [_first_os_error(inner) for inner in error.exceptions]
-        if found and all(f is not None for f in found):
-            return found[0]
-    return None
+async def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not yet listening); closed again if binding fails."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while in TIME_WAIT
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _check_path(path: str) -> None:
+    if not path.startswith("/"):
+        raise ValueError(f"route path must start with '/': {path!r}")
 
 
 def _overlaps(existing: RouteInfo, new: RouteInfo) -> bool:

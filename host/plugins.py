@@ -60,6 +60,11 @@ class PluginRecord:
     hooks: list[str] = field(default_factory=list)
     obj: Any = field(default=None, repr=False)
     host_api: str | None = None
+    #: Where the plugin came from, for hot reload: ``entry_point`` (value ``module:attr``),
+    #: ``dropin`` (a file or package in the drop-in directory) or ``object`` (added in-process).
+    source: str = "object"
+    #: Top-level module name(s) whose ``sys.modules`` entries belong to this plugin.
+    module_roots: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -115,9 +120,18 @@ class PluginManager:
                     distribution=dist.metadata["Name"] if dist is not None else None,
                     version=dist.version if dist is not None else None,
                     module=ep.value,
+                    source="entry_point",
                 )
             )
         return loaded
+
+    @staticmethod
+    def find_entry_point(name: str) -> md.EntryPoint | None:
+        """The installed entry point named ``name`` now (metadata re-read from disk)."""
+        for ep in PluginManager.entry_points():
+            if ep.name == name:
+                return ep
+        return None
 
     def is_enabled(self, name: str) -> bool:
         if name in self.deny:
@@ -132,9 +146,12 @@ class PluginManager:
         distribution: str | None = None,
         version: str | None = None,
         module: str | None = None,
+        source: str = "object",
     ) -> PluginRecord:
         """Import (via ``loader``), check and register one plugin. Failures become a record."""
-        record = PluginRecord(name, distribution, version, module)
+        record = PluginRecord(name, distribution, version, module, source=source)
+        if module:
+            record.module_roots = (module.split(":")[0].split(".")[0],)
         if not self.is_enabled(name):
             record.state = "disabled"
             record.error = (
@@ -197,22 +214,34 @@ class PluginManager:
             )
         return str(spec_text)
 
-    def register(self, name: str, obj: Any, record: PluginRecord) -> None:
-        if self.pm.has_plugin(name):
-            raise PluginError(f"plugin {name!r} is already registered")
-        record.host_api = self.check_host_api(name, obj)
+    def validate(self, name: str, obj: Any) -> list[str]:
+        """Check ``obj`` against the specs and the host API without registering it; its hooks."""
+        self.check_host_api(name, obj)
+        scratch = pluggy.PluginManager("host")
+        scratch.add_hookspecs(hookspecs)
+        return self._register_into(scratch, name, obj)
+
+    def _register_into(self, pm: pluggy.PluginManager, name: str, obj: Any) -> list[str]:
         try:
-            self.pm.register(obj, name=name)
+            pm.register(obj, name=name)
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(f"plugin {name!r} does not match the hook specs: {exc}") from None
-        unknown = [hc.name for hc in self.pm.get_hookcallers(obj) or [] if hc.spec is None]
+        callers = pm.get_hookcallers(obj) or []
+        unknown = [hc.name for hc in callers if hc.spec is None]
         if unknown:
-            self.pm.unregister(obj, name=name)
+            pm.unregister(obj, name=name)
             hints = []
             for hook in unknown:
                 close = difflib.get_close_matches(hook, hookspecs.HOOK_NAMES, n=1)
                 hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise PluginError(f"plugin {name!r} implements unknown hooks: {', '.join(hints)}")
+        return sorted(hc.name for hc in callers)
+
+    def register(self, name: str, obj: Any, record: PluginRecord) -> None:
+        if self.pm.has_plugin(name):
+            raise PluginError(f"plugin {name!r} is already registered")
+        record.host_api = self.check_host_api(name, obj)
+        self._register_into(self.pm, name, obj)
         record.obj = obj
         record.state = "loaded"
         record.error = None
@@ -235,6 +264,10 @@ class PluginManager:
         obj = self.pm.unregister(name=name)
         self.generation += 1
         return obj
+
+    def set_record(self, record: PluginRecord) -> PluginRecord:
+        """Store a record and notify listeners (used by hot reload)."""
+        return self._set(record)
 
     def mark_failed(self, name: str, error: str) -> None:
         """A loaded plugin failed later (e.g. in ``on_startup``): unregister and record."""

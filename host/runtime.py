@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from host.config import Config, redact
 from host.connector import Connector, ReplyStream
@@ -48,7 +49,14 @@ class Host:
         #: The HTTP server (/metrics, /healthz, /readyz); plugins add routes to it. Started by ``run``.
         self.http = HttpServer(self, config.section("http"))
         self.connectors: dict[str, Connector] = {}
+        #: connector name -> the plugin that registered it ("" for connectors added directly).
+        self.connector_owners: dict[str, str] = {}
+        #: config section -> (owning plugin, schema), for configuration reload.
+        self.section_schemas: dict[str, tuple[str, Any]] = {}
         self.middleware: list[tuple[str, Middleware]] = []
+        self._serving: trio.Nursery | None = None
+        self._services: trio.Nursery | None = None
+        self._plugin_nurseries: dict[str, trio.Nursery] = {}
         settings = config.host
         self._queue_send, self._queue_recv = trio.open_memory_channel[Message](settings.queue_size)
         self._closed = False
@@ -68,6 +76,10 @@ class Host:
         plugins.listeners.append(self._on_plugin_state)
         for record in plugins.records.values():
             self._on_plugin_state(record)
+        from host.reload import Reloader  # reload imports runtime types; keep the import cycle lazy
+
+        #: Hot reload of plugins and configuration (``reloader.reload_plugin(name)``).
+        self.reloader = Reloader(self)
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -126,8 +138,9 @@ class Host:
         for outcome in self.dispatcher.call_sync("register_config_sections", register=register_section):
             if outcome.error is not None:
                 self.plugins.mark_failed(outcome.plugin, f"register_config_sections raised: {outcome.error!r}")
-        for _plugin, name, schema in sections:
+        for plugin, name, schema in sections:
             self.config.validate_section(name, schema)
+            self.section_schemas[name] = (plugin, schema)
         for name in self.config.unknown_sections():
             logger.warning("{}: section [{}] belongs to no loaded plugin; ignored", self.config.source, name)
 
@@ -135,6 +148,7 @@ class Host:
             if connector.name in self.connectors:
                 raise ValueError(f"connector name {connector.name!r} is already taken")
             self.connectors[connector.name] = connector
+            self.connector_owners[connector.name] = current_plugin.get()
 
         for outcome in self.dispatcher.call_sync("register_connectors", host=self, register=register_connector):
             if outcome.error is not None:
@@ -153,6 +167,72 @@ class Host:
         if connector.name in self.connectors:
             raise ValueError(f"connector name {connector.name!r} is already taken")
         self.connectors[connector.name] = connector
+        self.connector_owners[connector.name] = ""
+
+    def connectors_of(self, plugin: str) -> list[Connector]:
+        return [c for name, c in self.connectors.items() if self.connector_owners.get(name) == plugin]
+
+    async def start_connector(self, connector: Connector, *, owner: str) -> None:
+        """Start a connector while running (hot reload). It takes over the name at once."""
+        if self._serving is None:
+            raise RuntimeError("the host is not running")
+        self.connectors[connector.name] = connector
+        self.connector_owners[connector.name] = owner
+        await self._serving.start(self._serve_connector, connector)
+
+    async def stop_connector(self, connector: Connector) -> None:
+        """Stop one connector; its ``serve`` returns. Routing by name moves to a successor if any."""
+        await self._stop_connector(connector)
+        if self.connectors.get(connector.name) is connector:
+            del self.connectors[connector.name]
+            self.connector_owners.pop(connector.name, None)
+
+    async def stop_connectors_of(self, plugin: str) -> None:
+        for connector in self.connectors_of(plugin):
+            await self.stop_connector(connector)
+
+    # -- plugin services ---------------------------------------------------------------------
+
+    async def start_service(self, func: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> Any:
+        """Run a background task owned by the calling plugin: ``await nursery.start(func, *args)``.
+
+        ``func`` must accept ``task_status`` (trio's convention) and call ``task_status.started()``
+        once ready. The task is cancelled when the plugin is unloaded or reloaded, and when the host
+        stops (after ``on_shutdown``), so a plugin can never leave tasks behind. Call it from
+        ``on_startup`` or later.
+        """
+        plugin = current_plugin.get() or "host"
+        nursery = await self._plugin_nursery(plugin)
+        return await nursery.start(func, *args, name=name)
+
+    async def _plugin_nursery(self, plugin: str) -> trio.Nursery:
+        nursery = self._plugin_nurseries.get(plugin)
+        if nursery is not None:
+            return nursery
+        if self._services is None:
+            raise RuntimeError("plugin services can only be started while the host runs")
+
+        async def scope(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+            try:
+                async with trio.open_nursery() as own:
+                    task_status.started(own)
+                    await trio.sleep_forever()
+            finally:
+                if self._plugin_nurseries.get(plugin) is own:
+                    del self._plugin_nurseries[plugin]
+
+        started: trio.Nursery = await self._services.start(scope)
+        self._plugin_nurseries[plugin] = started
+        return started
+
+    async def cancel_services(self, plugin: str) -> None:
+        """Cancel every service task of ``plugin`` and wait until they are gone."""
+        nursery = self._plugin_nurseries.pop(plugin, None)
+        if nursery is not None:
+            nursery.cancel_scope.cancel()
+            # The scope task exits at its next checkpoint; yield until the nursery has no children.
+            while nursery.child_tasks:
+                await trio.lowlevel.checkpoint()
 
     def set_middleware(self, middleware: list[tuple[str, Middleware]]) -> None:
         """(Re)build the middleware chain; the first entry is the outermost."""
@@ -210,6 +290,8 @@ class Host:
         """Start everything, serve until ``request_shutdown``, then stop gracefully."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._audit_flusher)
+            services = await nursery.start(_open_services_nursery)
+            self._services = services
             if self.http.enabled:
                 await nursery.start(self.http.run)  # stopped by the cancel at the end of run
             await self._startup()
@@ -218,8 +300,10 @@ class Host:
                 for _ in range(self.config.host.concurrency):
                     workers.start_soon(self._worker)
                 async with trio.open_nursery() as serving:
-                    for connector in self.connectors.values():
+                    self._serving = serving
+                    for connector in list(self.connectors.values()):
                         await serving.start(self._serve_connector, connector)
+                    await serving.start(self.reloader.run)
                     if not self.connectors:
                         logger.warning("no connector is installed: the host has nothing to serve")
                     self._started = True
@@ -234,9 +318,10 @@ class Host:
                     self._closed = True
                     self._room.set()
                     with trio.move_on_after(self.config.host.shutdown_timeout):
-                        for connector in self.connectors.values():
+                        for connector in list(self.connectors.values()):
                             await self._stop_connector(connector)
                     serving.cancel_scope.cancel()
+                self._serving = None
                 self._queue_send.close()
                 with trio.move_on_after(self.config.host.shutdown_timeout) as drain:
                     await self.wait_idle()
@@ -251,6 +336,8 @@ class Host:
             await self._flush_audit()
             await self.dispatcher.call("on_shutdown", host=self)
             await self._flush_audit()
+            services.cancel_scope.cancel()
+            self._services = None
             nursery.cancel_scope.cancel()
         logger.info("host stopped")
 
@@ -550,6 +637,12 @@ _BROKEN_NOTE = "\n\n(Sorry, this answer is incomplete: something went wrong whil
 _SHUTDOWN_NOTE = "\n\n(This answer was interrupted because the bot is restarting. Please ask again.)"
 
 
+async def _open_services_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
 def _bind_middleware(
     plugin: str, func: Middleware, call_next: Callable[[Message], Awaitable[None]]
 ) -> Callable[[Message], Awaitable[None]]:
@@ -587,12 +680,36 @@ def build_host(
     host = Host(config, manager, metrics=metrics)
     if entry_points:
         manager.load_entry_points()
+    dropins = config.host.reload.plugins_dir
+    if dropins:
+        _load_dropins(manager, dropins)
     for name, obj in plugins:
         record = manager.load(name, _constant(obj), module=getattr(obj, "__name__", None))
         if record.state == "loaded" and record.version is None:
             record.version = getattr(obj, "__version__", None)
     host.configure()
     return host
+
+
+def _load_dropins(manager: PluginManager, directory: str) -> None:
+    """Load ``name.py`` / ``name/__init__.py`` plugins from the drop-in directory."""
+    import functools
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = Path(directory).resolve()
+    if not root.is_dir():
+        logger.warning("[host.reload] plugins_dir {} does not exist; no drop-in plugins loaded", root)
+        return
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith((".", "_")):
+            continue
+        if entry.suffix == ".py" or (entry / "__init__.py").exists():
+            name = entry.name.removesuffix(".py")
+            manager.load(name, functools.partial(importlib.import_module, name), module=name, source="dropin")
 
 
 def _constant(obj: Any) -> Callable[[], Any]:

@@ -87,9 +87,14 @@ async def open_test_host(
     off unless configured). Installed plugins are loaded too only when ``entry_points=True``. The host
     is shut down gracefully on exit.
     """
-    data: dict[str, Any] = {"logging": {"dir": ""}, "http": {"enabled": False}}  # HTTP only when asked
-    for key, value in (config or {}).items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    # Quiet defaults for tests: no error log file, no HTTP server, no control socket, no
+    # entry-point polling (each can be turned on by ``config``).
+    defaults: dict[str, Any] = {
+        "logging": {"dir": ""},
+        "http": {"enabled": False},
+        "host": {"control_socket": "", "reload": {"watch_entry_points": False}},
+    }
+    data = _deep_merge(defaults, config or {})
     host = build_host(load_config(data=data, environ={}), plugins=plugins, entry_points=entry_points)
     loopback = LoopbackConnector()
     host.add_connector(loopback)
@@ -99,6 +104,16 @@ async def open_test_host(
             yield TestHost(host, loopback)
         finally:
             host.request_shutdown()
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 @dataclass

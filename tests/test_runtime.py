@@ -296,7 +296,11 @@ async def test_sigterm_drains_in_flight_messages_then_runs_on_shutdown() -> None
         def on_shutdown(self):
             events.append("on_shutdown")
 
-    config = load_config(data={"logging": {"dir": ""}, "host": {"concurrency": 2}}, environ={})
+    config = load_config(
+        data={"logging": {"dir": ""}, "http": {"enabled": False},
+              "host": {"concurrency": 2, "control_socket": "", "reload": {"watch_entry_points": False}}},
+        environ={},
+    )
     host = build_host(config, plugins=[("slow", Slow())], entry_points=False)
     loopback = LoopbackConnector()
     host.add_connector(loopback)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from host_dingtalk_connector.backoff import Backoff
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import trio
+from host_dingtalk_connector.dedup import DedupCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from host_dingtalk_connector.dedup import DedupCache
 
 
 class FakeClock:

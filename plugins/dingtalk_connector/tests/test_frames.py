@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from host_dingtalk_connector import frames
 from host_dingtalk_connector.errors import FrameError
 

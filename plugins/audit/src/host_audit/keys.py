@@ -35,6 +35,7 @@ __all__ = [
     "load_signing_key",
     "retired_key_path",
     "rotate_key_file",
+    "write_private_file",
 ]
 
 
@@ -123,7 +124,7 @@ def _ensure_private_dir(directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def _write_new_private_file(path: Path, data: bytes) -> None:
+def write_private_file(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 (fails if it exists), write, fsync file and directory."""
     _ensure_private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -179,7 +180,7 @@ def load_or_create_key(path: Path) -> tuple[SigningKey, bool]:
         return load_signing_key(path), False
     key = SigningKey.generate()
     try:
-        _write_new_private_file(path, key.private_pem())
+        write_private_file(path, key.private_pem())
     except OSError as exc:
         raise KeyFileError(f"cannot create signing key {path}: {exc.strerror or exc}") from None
     return key, True

@@ -107,6 +107,7 @@ class AuditLog:
         self.key: SigningKey | None = None
         #: Findings recorded while opening (torn tails, unclean shutdown...), for callers to report.
         self.opening_findings: list[FindingRecord] = []
+        self._written_findings: list[FindingRecord] = []
         self._seq = 0
         self._prev = ZERO_HASH
         self._max_ts = 0
@@ -117,6 +118,8 @@ class AuditLog:
         self._since_checkpoint = 0
         self._last_checkpoint_ts = 0
         self._cp_size = 0
+        self._cp_cut_at: int | None = None
+        self._retired_used = False
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -169,37 +172,37 @@ class AuditLog:
         if path.exists():
             tail = read_tail(path)
             if tail.fragment:
-                # Keep the torn bytes in the log itself, then cut them so the file stays line-valid.
+                # The torn bytes are copied into a finding; once that is written (``_resume``) they
+                # are cut, so the file stays line-valid.
                 findings.append(("torn_tail", _fragment_details(CHECKPOINTS_FILE, tail.fragment, tail.fragment_offset)))
-                os.truncate(path, tail.fragment_offset)
+                self._cp_cut_at = tail.fragment_offset
         self._cp_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._cp_size = os.fstat(self._cp_fd).st_size
 
     def _resume(self, findings: list[tuple[str, dict[str, Any]]]) -> None:
-        segments = list_segments(self.directory)
-        next_index = (segment_index(segments[-1].name) or 0) + 1 if segments else 0
+        existing = list_segments(self.directory)
+        next_index = (segment_index(existing[-1].name) or 0) + 1 if existing else 0
         last_path: Path | None = None
-        while segments:
-            path = segments[-1]
+        for path in reversed(list(existing)):
             tail = read_tail(path)
             if tail.size == 0:
                 # Created but not even its header written: nothing to lose, and it would break the chain.
                 path.unlink()
+                existing.remove(path)
                 self._dir_dirty = True
                 findings.append(("empty_segment", {"segment": path.name}))
-                segments.pop()
                 continue
             if tail.fragment:
                 findings.append(("torn_tail", _fragment_details(path.name, tail.fragment, tail.fragment_offset)))
             if tail.last_line is not None:
                 last_path = path
                 break
-            segments.pop()  # only a torn header: look further back (the file stays, acknowledged)
-        prev_segment = segments[-1].name if segments else None
+            # Only a torn header: the file stays (acknowledged by the finding); look further back.
+        prev_segment = existing[-1].name if existing else None
         key = self.key
         assert key is not None
         if last_path is None:
-            if segments or findings and any(k == "torn_tail" and d["segment"] != CHECKPOINTS_FILE for k, d in findings):
+            if existing:
                 raise LogCorruptError(
                     f"{self.directory} holds segment files but no complete record; move them aside to start a new log"
                 )
@@ -216,14 +219,15 @@ class AuditLog:
                 head = _head_decoder.decode(last_line)
                 header = _segment_decoder.decode(header_line)
                 prev = bytes.fromhex(parts[1].decode())
-            except (ValueError, msgspec.DecodeError) as exc:
+                clean = head.type == "checkpoint" and _checkpoint_decoder.decode(last_line).reason == "shutdown"
+            except (ValueError, msgspec.DecodeError) as exc:  # UnicodeDecodeError is a ValueError
                 raise LogCorruptError(
                     f"cannot resume the audit log: the last record or the header of {last_path} is "
                     f"unreadable ({exc}); run `python -m host audit verify {self.directory}`"
                 ) from None
             self.log_id = header.log
             self._seq, self._prev, self._max_ts = head.seq + 1, prev, head.ts
-            if head.type != "checkpoint" or _checkpoint_decoder.decode(last_line).reason != "shutdown":
+            if not clean:
                 findings.append(("unclean_shutdown", {"last_seq": head.seq, "last_type": head.type}))
             endorsement, endorsed_by = None, None
             if header.key_id != key.key_id:
@@ -235,13 +239,14 @@ class AuditLog:
                                  endorsement=endorsement, endorsed_by=endorsed_by)
         for kind, details in findings:
             self._finding(kind, details)
-        self.opening_findings = [f for f in self._written_findings]
+        self.opening_findings = list(self._written_findings)
+        if self._cp_cut_at is not None:
+            os.ftruncate(self._cp_fd, self._cp_cut_at)
+            self._cp_size = self._cp_cut_at
         self._checkpoint("start")
         self._fsync_now()
-        if endorsed := (self.settings.key_file and retired_key_path(self.settings.key_file)):
-            self._drop_retired_key(endorsed)
-
-    _written_findings: list[FindingRecord]
+        if self._retired_used:
+            self._drop_retired_key(retired_key_path(self.settings.key_file))
 
     def _endorse(self, previous_key_id: str) -> tuple[str | None, str | None]:
         key = self.key
@@ -251,6 +256,7 @@ class AuditLog:
             old = load_signing_key(retired)
             if old.key_id == previous_key_id:
                 message = endorsement_message(self.log_id, key.key_id, key.public.b64)
+                self._retired_used = True
                 return base64.b64encode(old.sign(message)).decode(), old.key_id
             logger.warning("audit: {} is key {}, not the log's previous key {}; ignored",
                            retired, old.key_id, previous_key_id)
@@ -263,14 +269,8 @@ class AuditLog:
 
     def _drop_retired_key(self, retired: Path) -> None:
         # The retired key's only job was to endorse its successor, which is now durable in the log.
-        if retired.exists() and self.key is not None:
-            try:
-                old = load_signing_key(retired)
-            except Exception:
-                return
-            if old.key_id != self.key.key_id:
-                retired.unlink()
-                logger.info("audit: retired signing key {} endorsed its successor and was deleted", old.key_id)
+        retired.unlink(missing_ok=True)
+        logger.info("audit: the retired signing key endorsed its successor and was deleted ({})", retired)
 
     # -- appending ----------------------------------------------------------------------------
 
@@ -295,15 +295,23 @@ class AuditLog:
                 or ts - self._segment_started >= self._segment_max_ms
             ):
                 self._rotate()
+                ts = self._ts()
             seq = self._seq
             self._emit(entry_record(entry, seq, ts))
             self.stats.entries += 1
             self._since_checkpoint += 1
             if self._since_checkpoint >= self.settings.checkpoint_every_records:
-                self._checkpoint("count")
+                self._checkpoint_after_entry("count")
             elif ts - self._last_checkpoint_ts >= self._checkpoint_ms:
-                self._checkpoint("time")
+                self._checkpoint_after_entry("time")
             return seq
+
+    def _checkpoint_after_entry(self, reason: str) -> None:
+        # The entry is stored: a failed checkpoint is logged, not reported as a lost entry.
+        try:
+            self._checkpoint(reason)
+        except AuditWriteError as exc:
+            logger.error("audit: {} checkpoint failed: {}", reason, exc)
 
     def _ts(self) -> int:
         ts = self._clock()
@@ -365,8 +373,6 @@ class AuditLog:
         ts = self._ts()
         self._segment_started = ts
         self._dir_dirty = self._sync_wanted = True
-        if not hasattr(self, "_written_findings"):
-            self._written_findings = []
         header = SegmentRecord(
             seq=self._seq,
             ts=ts,
@@ -431,12 +437,9 @@ class AuditLog:
         elif tail.fragment:
             findings.append(("torn_tail", _fragment_details(damaged.name, tail.fragment, tail.fragment_offset)))
         self._broken = None
-        try:
-            self._create_segment(self._segment_index + 1, "recover", prev_segment=prev_segment)
-            for kind, details in findings:
-                self._finding(kind, details)
-        except AuditWriteError:
-            raise
+        self._create_segment(self._segment_index + 1, "recover", prev_segment=prev_segment)
+        for kind, details in findings:
+            self._finding(kind, details)
         logger.warning("audit: continued in {} after a failed write ({})", self._segment, error)
 
     # -- periodic work (call from a worker thread) ---------------------------------------------
@@ -507,11 +510,11 @@ class AuditLog:
         with self._lock:
             if self._closed:
                 return []
-            current = self._segment
+            current = self._segment_index
         cutoff = self._clock() - days * _DAY_MS
         expired: list[tuple[Path, ExpiredSegment]] = []
         for path in list_segments(self.directory):
-            if path.name >= current:
+            if (segment_index(path.name) or 0) >= current:
                 break
             info = _describe_segment(path)
             newest = info.last_ts if info.last_ts is not None else int(path.stat().st_mtime * 1000)
@@ -529,7 +532,8 @@ class AuditLog:
         self.sync()  # the expiry record must be durable before the data it describes goes
         for path, _ in expired:
             path.unlink(missing_ok=True)
-        self._dir_dirty = True
+        with self._lock:
+            self._dir_dirty = True
         self.sync()
         self.stats.expired_segments += len(expired)
         names = [p.name for p, _ in expired]
@@ -543,11 +547,14 @@ class AuditLog:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
             try:
-                if self._broken is None:
-                    self._checkpoint("shutdown")
+                if self._broken is not None:
+                    self._recover()
+                self._checkpoint("shutdown")
+            except (AuditWriteError, OSError) as exc:
+                logger.error("audit: final checkpoint not written: {}", exc)
             finally:
+                self._closed = True
                 try:
                     self._fsync_now()
                 finally:
@@ -617,12 +624,12 @@ def _describe_segment(path: Path) -> ExpiredSegment:
     last_hash = None
     header = read_first_line(path)
     if header is not None:
-        with contextlib.suppress(msgspec.DecodeError):
+        with contextlib.suppress(msgspec.DecodeError, ValueError):
             first_seq = _head_decoder.decode(header).seq
     last_line = read_tail(path).last_line
     if last_line is not None:
         parts = split_line(last_line)
-        with contextlib.suppress(msgspec.DecodeError):
+        with contextlib.suppress(msgspec.DecodeError, ValueError):
             head = _head_decoder.decode(last_line)
             last_seq, last_ts = head.seq, head.ts
             last_hash = parts[1].decode() if parts else None

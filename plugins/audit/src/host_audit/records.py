@@ -5,16 +5,16 @@ chain hash appended as the last member::
 
     {"action":"load",...,"seq":42,"ts":1732800000123,"type":"entry","h":"<64 hex>"}
 
-``h = SHA-256(0x00 ‖ h_prev ‖ body)`` where ``body`` is the line without its ``,"h":"…"`` member
-(i.e. the canonical encoding of the record) and ``h_prev`` the raw 32-byte hash of the previous
-record (32 zero bytes before the first). Hashing the stored bytes (not a re-encoding) means every
-byte of every line is covered, and a verifier needs no JSON re-encoder that matches ours.
+``h = SHA-256(0x00 ‖ h_prev ‖ P)`` where ``P`` is the line's bytes before ``,"h":"`` (the canonical
+encoding of the record without its closing brace) and ``h_prev`` the raw 32-byte hash of the
+previous record (32 zero bytes before the first). Hashing the stored bytes (not a re-encoding)
+means every byte of every line is covered (the rest of the line is the hash itself and fixed
+framing), and a verifier needs no JSON encoder that matches ours.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -74,32 +74,33 @@ def encode(record: msgspec.Struct) -> bytes:
     return _encoder.encode(record)
 
 
-def chain_hash(prev: bytes, body: bytes) -> bytes:
-    """``SHA-256(0x00 ‖ prev ‖ body)``: the 0x00 prefix separates record hashes from any other use."""
-    return hashlib.sha256(b"\x00" + prev + body).digest()
+def chain_hash(prev: bytes, prefix: bytes) -> bytes:
+    """``SHA-256(0x00 ‖ prev ‖ prefix)``; the 0x00 separates record hashes from any other use."""
+    return hashlib.sha256(b"\x00" + prev + prefix).digest()
 
 
 def seal(prev: bytes, body: bytes) -> tuple[bytes, bytes]:
-    """Chain ``body`` to ``prev``: returns ``(line with newline, hash)``."""
-    digest = hashlib.sha256(b"\x00" + prev + body).digest()
-    return body[:-1] + _HASH_OPEN + digest.hex().encode() + b'"}\n', digest
+    """Chain the encoded record ``body`` to ``prev``: returns ``(line with newline, hash)``."""
+    prefix = body[:-1]
+    digest = hashlib.sha256(b"\x00" + prev + prefix).digest()
+    return prefix + _HASH_OPEN + digest.hex().encode() + b'"}\n', digest
 
 
 def split_line(line: bytes) -> tuple[bytes, bytes] | None:
-    """``(body, hex hash)`` of a line (without newline), or ``None`` when it has no hash suffix."""
+    """``(hashed prefix, hex hash)`` of a line (without newline), or ``None`` if it has no hash."""
     if (
         len(line) <= HASH_SUFFIX_LEN + 1
         or line[-HASH_SUFFIX_LEN : -HASH_SUFFIX_LEN + 6] != _HASH_OPEN
         or line[-2:] != _HASH_CLOSE
     ):
         return None
-    return line[:-HASH_SUFFIX_LEN] + b"}", line[-66:-2]
+    return line[:-HASH_SUFFIX_LEN], line[-66:-2]
 
 
 # -- record types ----------------------------------------------------------------------------------
 
 
-class RecordHead(msgspec.Struct):
+class RecordHead(msgspec.Struct, gc=False):
     """The fields every record has; what the verifier decodes for each line."""
 
     seq: int
@@ -214,11 +215,20 @@ _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _MAX_DEPTH = 16
 
 
-@functools.lru_cache(maxsize=4096)
+_sensitive_cache: dict[str, bool] = {}
+_SENSITIVE_CACHE_MAX = 4096
+
+
 def is_sensitive_key(name: str) -> bool:
     """Whether a details key names a secret (``api_key``, ``accessToken``, ``X-Auth-Token``...)."""
+    cached = _sensitive_cache.get(name)
+    if cached is not None:
+        return cached
     words = [w.lower() for w in _WORD.findall(name)]
-    return any(w in SENSITIVE_WORDS for w in words) or "".join(words) in SENSITIVE_WORDS
+    result = any(w in SENSITIVE_WORDS for w in words) or "".join(words) in SENSITIVE_WORDS
+    if len(_sensitive_cache) < _SENSITIVE_CACHE_MAX:  # bounded: keys are mostly a fixed vocabulary
+        _sensitive_cache[name] = result
+    return result
 
 
 def _mask_known(text: str) -> str:
@@ -228,6 +238,10 @@ def _mask_known(text: str) -> str:
     return text
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_KEEP_UNDER_SENSITIVE_KEY = frozenset({bool, type(None)})
+
+
 def sanitize(value: Any, depth: int = 0) -> Any:
     """A JSON-safe copy of ``value`` with secrets masked (defence in depth; the host redacts first).
 
@@ -235,30 +249,42 @@ def sanitize(value: Any, depth: int = 0) -> Any:
     ``MASK``, except booleans and ``None`` (``{"password_changed": true}`` stays informative).
     Values that are not JSON types become their ``str()`` (with known secret values masked).
     """
-    if value is None or isinstance(value, str | bool | int | float):
+    # Exact type checks first (this runs for every audited entry); ABC checks only for the rest.
+    kind = type(value)
+    if kind in _PLAIN:
         return value
-    if isinstance(value, Secret):
-        return MASK
     if depth >= _MAX_DEPTH:
         return "<nested too deep>"
+    if kind is dict:
+        return _sanitize_mapping(value, depth)
+    if kind is list or kind is tuple:
+        return [v if type(v) in _PLAIN else sanitize(v, depth + 1) for v in value]
+    if isinstance(value, Secret):
+        return MASK
+    if isinstance(value, enum.Enum):
+        return sanitize(value.value, depth + 1)
+    if isinstance(value, str | bool | int | float):  # subclasses of the plain types
+        return value
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            key = k if isinstance(k, str) else str(k)
-            if is_sensitive_key(key) and not (v is None or isinstance(v, bool)):
-                out[key] = MASK
-            else:
-                out[key] = sanitize(v, depth + 1)
-        return out
+        return _sanitize_mapping(value, depth)
     if isinstance(value, list | tuple | set | frozenset):
         return [sanitize(v, depth + 1) for v in value]
     if isinstance(value, msgspec.Struct):
         return sanitize(msgspec.structs.asdict(value), depth + 1)
     if isinstance(value, bytes | bytearray | memoryview):
         return f"<{len(value)} bytes>"
-    if isinstance(value, enum.Enum):
-        return sanitize(value.value, depth + 1)
     return _mask_known(str(value))
+
+
+def _sanitize_mapping(value: Mapping[Any, Any], depth: int) -> dict[str, Any]:
+    out = {}
+    for k, v in value.items():
+        key = k if type(k) is str else str(k)
+        if type(v) in _KEEP_UNDER_SENSITIVE_KEY or not is_sensitive_key(key):
+            out[key] = v if type(v) in _PLAIN else sanitize(v, depth + 1)
+        else:
+            out[key] = MASK
+    return out
 
 
 def entry_record(entry: AuditEntry, seq: int, ts: int) -> EntryRecord:

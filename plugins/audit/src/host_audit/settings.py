@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -97,12 +97,10 @@ class LogSettings:
     clock_tolerance_ms: int = 5000
 
     @classmethod
-    def for_directory(cls, directory: str | Path, **overrides: object) -> LogSettings:
+    def for_directory(cls, directory: str | Path, key_file: str | Path | None = None, **overrides: Any) -> LogSettings:
         """Defaults for ``directory`` (key in ``<directory>/signing.key``), with overrides."""
         path = Path(directory)
-        key_file = overrides.pop("key_file", None)
-        return cls(directory=path, key_file=Path(key_file) if key_file else path / "signing.key",
-                   **overrides)  # type: ignore[arg-type]
+        return cls(directory=path, key_file=Path(key_file) if key_file else path / "signing.key", **overrides)
 
     @classmethod
     def from_section(cls, section: AuditSection, environ: Mapping[str, str] | None = None) -> LogSettings:

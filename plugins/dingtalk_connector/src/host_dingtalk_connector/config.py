@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
-from host.config import Secret
 
+from host.config import Secret
 from host_dingtalk_connector.errors import DingTalkConfigError
 
 __all__ = [

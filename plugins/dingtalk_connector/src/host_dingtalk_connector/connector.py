@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
+
 from host.logs import logger
 from host.metrics import Metrics
 from host.model import Conversation, Message, Reply
-
 from host_dingtalk_connector.config import AppConfig, StreamSettings
 from host_dingtalk_connector.convert import PLATFORM
 from host_dingtalk_connector.dedup import DedupCache

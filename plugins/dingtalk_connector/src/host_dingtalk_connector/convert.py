@@ -21,6 +21,7 @@ EVENT frames and card callbacks become ``Event`` values (``event_from_frame``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -41,7 +42,6 @@ from host.model import (
     VideoPart,
     now_ms,
 )
-
 from host_dingtalk_connector.errors import PayloadError
 from host_dingtalk_connector.identity import IdentityResolver
 
@@ -281,10 +281,8 @@ def card_callback_event(headers: Mapping[str, str], data: dict[str, Any], *, con
     for key in ("content", "extension"):
         value = payload.get(key)
         if isinstance(value, str) and value:
-            try:
+            with contextlib.suppress(ValueError):
                 payload[key] = json.loads(value)
-            except ValueError:
-                pass
     return Event(
         id=headers["messageId"],
         platform=PLATFORM,

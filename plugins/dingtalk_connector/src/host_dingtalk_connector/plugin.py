@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from host import hookimpl
 from host.logs import logger
-
 from host_dingtalk_connector.config import DingTalkSection, resolve_apps
 from host_dingtalk_connector.connector import DingTalkConnector
 from host_dingtalk_connector.identity import load_resolver

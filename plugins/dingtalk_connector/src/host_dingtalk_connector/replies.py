@@ -19,9 +19,9 @@ from collections import OrderedDict
 from typing import Any
 
 import httpx
+
 from host.logs import logger
 from host.model import Conversation, Message, Reply, now_ms
-
 from host_dingtalk_connector.errors import ReplyError
 
 __all__ = ["Outbox", "reply_body"]

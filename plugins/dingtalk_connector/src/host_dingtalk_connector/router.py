@@ -20,21 +20,26 @@ so ``handle`` must never wait on plugins: the only thing it awaits is writing th
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
-from host.logs import logger
 
+from host.logs import logger
 from host_dingtalk_connector import frames
-from host_dingtalk_connector.convert import card_callback_event, convert_bot_message, event_from_frame, msgtype_label
+from host_dingtalk_connector.convert import (
+    card_callback_event,
+    convert_bot_message,
+    event_from_frame,
+    msgtype_label,
+)
 from host_dingtalk_connector.errors import FrameError
 
 if TYPE_CHECKING:
     from host.connector import Intake
     from host.model import Event, Message
-
     from host_dingtalk_connector.config import AppConfig, StreamSettings
     from host_dingtalk_connector.dedup import DedupCache
     from host_dingtalk_connector.identity import IdentityResolver
@@ -168,10 +173,8 @@ class FrameRouter:
             await self._ack(link, "system", frames.ack_system(frame.message_id, frame.data), received)
         elif topic == "disconnect":
             reason = "?"
-            try:
+            with contextlib.suppress(FrameError):
                 reason = str(frame.payload().get("reason", "?"))
-            except FrameError:
-                pass
             self._log.info("{}: gateway asked to disconnect ({}); opening a replacement first", link.label, reason)
             # ACK before anything else: the Go SDK learned that closing first made the server resend it.
             await self._ack(link, "system", frames.ack_system(frame.message_id, frame.data), received)

@@ -27,6 +27,7 @@ A "dead" connection is retired first (so the replacement starts immediately) and
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import math
 import ssl
 import time
@@ -36,15 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
-from host.logs import logger
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, wrap_client_stream
 
+from host.logs import logger
 from host_dingtalk_connector.backoff import Backoff
 from host_dingtalk_connector.errors import ConnectError, HandshakeFailed, RegistrationError
 from host_dingtalk_connector.metrics import CONNECTION_STATES
@@ -68,6 +63,25 @@ def make_ssl_context() -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def _first_error(exc: BaseException) -> BaseException | None:
+    """The first exception in ``exc`` (flattening groups) that is not a cancellation."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_error(inner)
+            if found is not None:
+                return found
+        return None
+    return None if isinstance(exc, trio.Cancelled) else exc
+
+
+def _describe_handshake_error(error: BaseException) -> str:
+    if isinstance(error, ConnectionRejected):
+        return f"WebSocket upgrade rejected with HTTP {error.status_code}"
+    if isinstance(error, OSError):
+        return f"WebSocket connection failed: {error.strerror or type(error).__name__}"
+    return f"WebSocket handshake failed: {type(error).__name__}"
 
 
 def _describe_close(exc: ConnectionClosed) -> str:
@@ -167,46 +181,75 @@ class _Connection:
 
     async def run(self, url: str, *, task_status: trio.TaskStatus[_Connection]) -> None:
         """Open the WebSocket, report started, serve until closed. Raises only before started."""
-        settings = self.stream.settings
         started = False
         reason = "closed"
         try:
-            async with open_websocket_url(
-                url,
-                ssl_context=self.stream.ssl_context if url.startswith("wss:") else None,
-                message_queue_size=settings.receive_queue,
-                max_message_size=settings.transport_max_bytes,
-                connect_timeout=settings.connect_timeout,
-                disconnect_timeout=_CLOSE_TIMEOUT,
-            ) as ws:
-                self._ws = ws
-                now = trio.current_time()
-                self.opened_at = self.last_inbound = self.last_app_frame = now
-                started = True
-                task_status.started(self)
-                reason = await self._serve(ws)
-        except ConnectionRejected as exc:
+            # We own the TCP/TLS stream (rather than open_websocket_url) so that it is always
+            # closed: trio-websocket leaves it open when the server starts the close handshake.
+            async with trio.open_nursery() as ws_nursery:
+                stream, ws = await self._open(ws_nursery, url)
+                try:
+                    self._ws = ws
+                    self.opened_at = self.last_inbound = self.last_app_frame = trio.current_time()
+                    started = True
+                    task_status.started(self)
+                    reason = await self._serve(ws)
+                    with trio.move_on_after(_CLOSE_TIMEOUT):
+                        await ws.aclose()  # our close handshake (a no-op if the gateway closed first)
+                finally:
+                    self._ws = None
+                    await trio.aclose_forcefully(stream)
+                ws_nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            error = _first_error(exc)
+            if error is None or not isinstance(error, Exception):
+                raise  # cancellation, KeyboardInterrupt...
             if not started:
-                raise HandshakeFailed(f"WebSocket upgrade rejected with HTTP {exc.status_code}") from None
-            reason = "dropped"
-        except HandshakeError as exc:
-            if not started:
-                raise HandshakeFailed(f"WebSocket handshake failed: {type(exc).__name__}") from None
-            # DisconnectionTimeout on close: the peer never finished the close handshake; the socket
-            # is closed anyway.
-        except (OSError, trio.BrokenResourceError) as exc:
-            if not started:
-                raise HandshakeFailed(f"WebSocket connection failed: {type(exc).__name__}") from None
-            reason = "dropped"
-        except Exception as exc:
-            if not started:
-                raise HandshakeFailed(f"WebSocket connection failed: {exc!r}") from None
-            logger.opt(exception=exc).error("{}: connection failed: {!r}", self.label, exc)
-            reason = "error"
+                if isinstance(error, HandshakeFailed):
+                    raise error from None
+                raise HandshakeFailed(_describe_handshake_error(error)) from None
+            if isinstance(error, ConnectionClosed | OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+                reason = "dropped"
+            else:
+                logger.opt(exception=error).error("{}: connection failed: {!r}", self.label, error)
+                reason = "error"
         finally:
-            self._ws = None
             self.retire(reason)
             self.closed.set()
+
+    async def _open(self, nursery: trio.Nursery, url: str) -> tuple[trio.abc.Stream, WebSocketConnection]:
+        """TCP (+TLS) connect and WebSocket handshake, within ``connect_timeout``."""
+        settings = self.stream.settings
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme == "wss"
+        host = parts.hostname or ""
+        port = parts.port or (443 if secure else 80)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host_header = host if port == (443 if secure else 80) else f"{host}:{port}"
+        try:
+            with trio.fail_after(settings.connect_timeout):
+                stream: trio.abc.Stream
+                if secure:
+                    stream = await trio.open_ssl_over_tcp_stream(
+                        host, port, ssl_context=self.stream.ssl_context, https_compatible=True
+                    )
+                else:
+                    stream = await trio.open_tcp_stream(host, port)
+                try:
+                    ws = await wrap_client_stream(
+                        nursery,
+                        stream,
+                        host_header,
+                        resource,
+                        message_queue_size=settings.receive_queue,
+                        max_message_size=settings.transport_max_bytes,
+                    )
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+        except trio.TooSlowError:
+            raise HandshakeFailed(f"WebSocket handshake timed out after {settings.connect_timeout}s") from None
+        return stream, ws
 
     async def _serve(self, ws: WebSocketConnection) -> str:
         settings = self.stream.settings
@@ -307,6 +350,9 @@ class AppStream:
         self.state = "disconnected"
         self.attempts = 0
         self.reconnects: dict[str, int] = {}
+        #: The last reconnect delays as (ceiling, delay) pairs, for introspection.
+        self.delays: deque[tuple[float, float]] = deque(maxlen=32)
+        self._quick_handovers = 0
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
         self._connected = trio.Event()
@@ -333,6 +379,7 @@ class AppStream:
             "attempts": self.attempts,
             "reconnects": dict(self.reconnects),
             "backoff_failures": self.backoff.failures,
+            "recent_delays": [round(d, 3) for _c, d in self.delays],
             "events_in_flight": self.router.events_in_flight,
             "dedup": self.router.dedup.statistics(),
         }
@@ -369,7 +416,7 @@ class AppStream:
                 except ConnectError as exc:
                     reason = "register_failed" if isinstance(exc, RegistrationError) else "handshake_failed"
                     self._count_reconnect(reason)
-                    delay = self.backoff.next_delay()
+                    delay = self._next_delay()
                     self._log.warning("{}: could not connect: {}; retry in {:.2f}s", self.app.name, exc, delay)
                     if not self.is_ready():
                         self._set_state("disconnected")
@@ -382,14 +429,23 @@ class AppStream:
                 uptime = trio.current_time() - connection.opened_at
                 if uptime >= self.settings.healthy_after:
                     self.backoff.reset()
-                if reason in _PLANNED and uptime >= self.settings.backoff_base:
+                # A planned hand-over is replaced at once, unless hand-overs come back to back
+                # (a gateway sending disconnect right after every connect): then back off.
+                self._quick_handovers = self._quick_handovers + 1 if uptime < self.settings.backoff_base else 0
+                if reason in _PLANNED and self._quick_handovers <= 1:
                     delay = 0.0
                 else:
-                    delay = self.backoff.next_delay()
+                    delay = self._next_delay()
                 if not self.is_ready():
                     self._set_state("disconnected")
             await self._close_all()
         self._set_state("disconnected")
+
+    def _next_delay(self) -> float:
+        ceiling = self.backoff.ceiling()
+        delay = self.backoff.next_delay()
+        self.delays.append((ceiling, delay))
+        return delay
 
     def _count_reconnect(self, reason: str) -> None:
         self.reconnects[reason] = self.reconnects.get(reason, 0) + 1
@@ -429,7 +485,7 @@ class AppStream:
         self.connections.append(connection)
         self._open_gauge.set(sum(1 for c in self.connections if not c.closed.is_set()))
         try:
-            await connection.run(url, task_status=_Started())  # type: ignore[arg-type]
+            await connection.run(url, task_status=_Started())
         finally:
             self.connections.remove(connection)
             self._open_gauge.set(sum(1 for c in self.connections if not c.closed.is_set()))

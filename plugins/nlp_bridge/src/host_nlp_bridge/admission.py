@@ -5,7 +5,8 @@ There is no queue object and no worker pool of our own: the host's workers alrea
 when it may proceed. A message goes through three gates::
 
     admit()          synchronous: refused at once (-> "busy" reply) when ``queue_size`` messages
-                     are already waiting; otherwise it joins its conversation's lane
+                     are already waiting beyond those a free call slot will take; otherwise it
+                     joins its conversation's lane
     wait_turn()      its conversation's lane: one message answered at a time, in order
     acquire_slot()   the global limiter: at most ``max_concurrency`` backend calls at once (FIFO)
 
@@ -165,8 +166,11 @@ class Admission:
         self._arrivals = itertools.count()
 
     def admit(self, lane_key: str, created_at_ms: int, payload: Any = None) -> Ticket | None:
-        """Admit a message into its conversation's lane, or ``None`` when the queue is full."""
-        if self.waiting >= self.queue_size:
+        """Admit a message into its conversation's lane, or ``None`` when the queue is full.
+
+        Messages that can start at once (a call slot is free for them) do not count as queued.
+        """
+        if self.waiting >= self.queue_size + self.limiter.available_tokens:
             return None
         lane = self._lanes.get(lane_key)
         if lane is None:

@@ -134,8 +134,11 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in ("max_attempts", "breaker_failures", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.type == "openai" and self.base_url and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url: expected an http:// or https:// URL, got {self.base_url!r}")
+        if self.type == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"base_url: an openai backend needs an http:// or https:// URL such as "
+                f"'http://127.0.0.1:8000/v1', got {self.base_url!r}"
+            )
         if self.type == "http_json":
             if not self.url.startswith(("http://", "https://")):
                 raise ValueError(f"url: an http_json backend needs an http:// or https:// URL, got {self.url!r}")
@@ -298,6 +301,18 @@ class NlpBridgeSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
             raise ValueError(f"routes: command {duplicates[0]!r} is routed twice")
         if "/reset" in commands:
             raise ValueError("routes: '/reset' is the bridge's own command and cannot be routed")
+        if ECHO in self.backends and self.backends[ECHO].type != "echo":
+            raise ValueError(f"backends.{ECHO}: the name {ECHO!r} is reserved for the built-in echo backend")
+        # The NLP_* variables define "default" later (resolve() checks it is then really defined).
+        known = {*self.backends, ECHO, ENV_BACKEND}
+        if self.default_backend and self.default_backend not in known:
+            raise ValueError(f"default_backend: no backend named {self.default_backend!r}{_known(self.backends)}")
+        for i, name in enumerate(self.fallback):
+            if name not in known:
+                raise ValueError(f"fallback[{i}]: no backend named {name!r}{_known(self.backends)}")
+        for i, route in enumerate(self.routes):
+            if route.backend not in known:
+                raise ValueError(f"routes[{i}].backend: no backend named {route.backend!r}{_known(self.backends)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,24 +349,23 @@ def resolve(section: NlpBridgeSection, environ: Mapping[str, str]) -> BridgeSett
         except ValueError as exc:
             raise ConfigurationError(f"NLP_BASE_URL: {str(exc).removeprefix('base_url: ')}") from None
         env_used = [v for v in ("NLP_BASE_URL", "NLP_API_KEY", "NLP_MODEL") if environ.get(v)]
-    if ECHO in backends and backends[ECHO].type != "echo":
-        raise ConfigurationError(f"[nlp_bridge] backends.{ECHO}: the name {ECHO!r} is reserved for the echo backend")
     backends.setdefault(ECHO, BackendConfig(type="echo"))
 
+    def check(key: str, name: str) -> None:
+        if name not in backends:
+            hint = " (it is defined by NLP_BASE_URL, which is not set)" if name == ENV_BACKEND else ""
+            raise ConfigurationError(f"[nlp_bridge] {key}: no backend named {name!r}{hint}{_known(backends)}")
+
     default = section.default_backend
-    if not default:
+    if default:
+        check("default_backend", default)
+    else:
         configured = [n for n in backends if n != ECHO]
         default = ENV_BACKEND if base_url else (configured[0] if configured else ECHO)
-    elif default not in backends:
-        raise ConfigurationError(f"[nlp_bridge] default_backend: no backend named {default!r}{_known(backends)}")
     for i, name in enumerate(section.fallback):
-        if name not in backends:
-            raise ConfigurationError(f"[nlp_bridge] fallback[{i}]: no backend named {name!r}{_known(backends)}")
+        check(f"fallback[{i}]", name)
     for i, route in enumerate(section.routes):
-        if route.backend not in backends:
-            raise ConfigurationError(
-                f"[nlp_bridge] routes[{i}].backend: no backend named {route.backend!r}{_known(backends)}"
-            )
+        check(f"routes[{i}].backend", route.backend)
     echo_only = all(b.type == "echo" for b in backends.values())
     return BridgeSettings(
         section=section,
@@ -364,4 +378,5 @@ def resolve(section: NlpBridgeSection, environ: Mapping[str, str]) -> BridgeSett
 
 
 def _known(backends: Mapping[str, BackendConfig]) -> str:
-    return f" (configured: {', '.join(sorted(backends))})"
+    names = sorted({*backends, ECHO})
+    return f" (configured: {', '.join(names)})"

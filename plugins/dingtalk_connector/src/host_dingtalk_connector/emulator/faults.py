@@ -3,7 +3,8 @@
 ==================== ====================================================================================
 registration         ``connections/open`` answers 401 ``authFailed``, a 5xx, or hangs (timeout) -
                      for the next ``count`` calls or until cleared
-zombie               a connection stays open at TCP level but passes nothing (no frames, no pongs)
+zombie               a connection stays open at TCP level but passes nothing (no frames, no pongs),
+                     or (``pongs=True``) still answers pings while pushes to it are lost
 drop                 abrupt TCP reset without a close frame (client sees 1006)
 close                close a connection with a given close code and reason (1000, 1001, 1011...)
 malformed            send a malformed frame (not JSON, binary, data as object, numeric time...)
@@ -12,6 +13,7 @@ duplicates           the next ``count`` pushes are delivered twice (same or new 
 qps                  the next ``count`` OpenAPI calls (optionally of one API) fail with 403
                      ``Forbidden.AccessDenied.QpsLimitForAppkeyAndApi``
 card_delivery        the next ``count`` card deliveries report ``success: false`` per space
+download             the next ``count`` file downloads (URLs from messageFiles/download) fail
 expire_sessions      every (or one conversation's) sessionWebhook expires now
 expire_tokens        every access token expires now
 expire_tickets       every unused ticket expires now
@@ -55,6 +57,7 @@ class FaultSwitches:
     qps_api: str | None = None
     card_delivery_remaining: int = 0
     card_delivery_error: str = "deliver failed"
+    download_remaining: int = 0
 
     def take_registration(self) -> RegistrationFault | None:
         """The registration fault to apply to this call (consumes one of ``count``)."""
@@ -86,6 +89,12 @@ class FaultSwitches:
             return self.card_delivery_error
         return None
 
+    def take_download_failure(self) -> bool:
+        if self.download_remaining > 0:
+            self.download_remaining -= 1
+            return True
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "registration": None if self.registration is None else {
@@ -96,6 +105,7 @@ class FaultSwitches:
             "qps": {"remaining": self.qps_remaining, "api": self.qps_api},
             "cardDelivery": {"remaining": self.card_delivery_remaining,
                              "errorMsg": self.card_delivery_error},
+            "downloads": {"remaining": self.download_remaining},
         }
 
 
@@ -129,9 +139,12 @@ class Faults:
         sw.registration_release = trio.Event()
 
     # --- connections ------------------------------------------------------------------------
-    def zombie(self, connection_id: str | None = None) -> list[str]:
-        """TCP stays open, nothing passes any more (no frames, no pongs). Returns connection ids."""
-        return [c.id for c in self._emu.gateway.make_zombie(connection_id)]
+    def zombie(self, connection_id: str | None = None, *, pongs: bool = False) -> list[str]:
+        """The connection stays open at TCP level but nothing is delivered any more. With
+        ``pongs=False`` nothing passes at all (no frames, no pongs: a dead NAT flow); with
+        ``pongs=True`` WebSocket pings are still answered but pushes are silently lost (the
+        "stale channel" reports). Returns the connection ids."""
+        return [c.id for c in self._emu.gateway.make_zombie(connection_id, pongs=pongs)]
 
     async def drop(self, connection_id: str | None = None) -> list[str]:
         """Reset the TCP connection without a close frame."""
@@ -178,6 +191,12 @@ class Faults:
         self.switches.card_delivery_remaining = count
         self.switches.card_delivery_error = error_msg
 
+    def download_failures(self, count: int = 1) -> None:
+        """The next ``count`` downloads of file URLs (from ``messageFiles/download``) fail with 500."""
+        if count < 0:
+            raise EmulatorError("count must be >= 0")
+        self.switches.download_remaining = count
+
     # --- expiries and the clock -------------------------------------------------------------
     def expire_sessions(self, conversation_id: str | None = None) -> int:
         """Expire every sessionWebhook (of one conversation when given). Returns how many."""
@@ -216,10 +235,11 @@ class Faults:
         return self._emu.state.clock.offset
 
     def reset(self) -> None:
-        """Clear every switchable fault (registration, duplicates, qps, card delivery)."""
+        """Clear every switchable fault (registration, duplicates, qps, card delivery, downloads)."""
         self.clear_registration()
-        release = self.switches.registration_release
-        self.switches = FaultSwitches(registration_release=release)
+        fresh = FaultSwitches(registration_release=self.switches.registration_release)
+        for name in fresh.__dataclass_fields__:
+            setattr(self.switches, name, getattr(fresh, name))  # in place: handlers hold this object
 
     def to_dict(self) -> dict[str, Any]:
         data = self.switches.to_dict()

@@ -51,6 +51,7 @@ class Connection:
     link: Link | None
     outbox: trio.MemorySendChannel[tuple[Any, ...]]
     state: str = "open"
+    swallow: bool = False  # pushes are recorded but never written (stale-channel zombie)
     frames: list[FrameRecord] = field(default_factory=list)
     by_message_id: dict[str, FrameRecord] = field(default_factory=dict)
     inbound_problems: list[dict[str, Any]] = field(default_factory=list)
@@ -367,7 +368,8 @@ class Gateway:
             opaque=payload.get("opaque", "") if isinstance(payload, dict) else "")
         conn.frames.append(record)
         conn.by_message_id.setdefault(mid, record)
-        self._send(conn, ("text", text))
+        if not conn.swallow:
+            self._send(conn, ("text", text))
         self.state.notifier.notify()
         return record
 
@@ -506,14 +508,18 @@ class Gateway:
         else:  # not relayed (client used /connect on the HTTP port): a close frame is all we have
             self._send(conn, ("close", 1000, ""))
 
-    def make_zombie(self, connection_id: str | None) -> list[Connection]:
+    def make_zombie(self, connection_id: str | None, *, pongs: bool = False) -> list[Connection]:
         conns = self.select(connection_id, states=("open",))
         for conn in conns:
-            if conn.link is None:
+            if conn.link is None and not pongs:
                 raise EmulatorError(f"connection {conn.id} does not go through the gateway endpoint; "
                                     "TCP faults need it")
             conn.state = "zombie"
-            conn.link.make_zombie()
+            if pongs:
+                conn.swallow = True
+            else:
+                assert conn.link is not None
+                conn.link.make_zombie()
         self.state.notifier.notify()
         return conns
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 import httpx
+import trio
 
 from host_nlp_bridge.config import BackendConfig
 from host_nlp_bridge.errors import (
@@ -25,11 +26,21 @@ from host_nlp_bridge.errors import (
 from host_nlp_bridge.model import ChatRequest, Usage
 from host_nlp_bridge.retry import parse_retry_after
 
-__all__ = ["Backend", "Item", "auth_headers", "make_client", "raise_for_status", "translate_errors"]
+__all__ = [
+    "Backend",
+    "Item",
+    "auth_headers",
+    "close_stream",
+    "make_client",
+    "raise_for_status",
+    "translate_errors",
+]
 
 Item = str | Usage
 
 _ERROR_SNIPPET = 300
+#: Seconds allowed for closing a response (never blocks in practice: the socket is just closed).
+_CLOSE_TIMEOUT = 5.0
 
 
 class Backend(Protocol):
@@ -49,6 +60,14 @@ class Backend(Protocol):
 
     def describe(self) -> str:
         """One line for the startup log (no secrets)."""
+        ...
+
+    def key_extra(self, request: ChatRequest) -> tuple[str, ...]:
+        """What besides the context makes two requests different for this backend.
+
+        Cache and coalescing keys include it: a backend that sends the user's id along must not
+        share answers between users.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -122,3 +141,21 @@ async def raise_for_status(backend: str, response: httpx.Response) -> None:
     if status == 408:
         raise BackendTimeout(backend, "HTTP 408: the server timed out waiting for the request")
     raise BackendHTTPError(backend, status, body)
+
+
+async def close_stream(response: httpx.Response, reader: AsyncIterator[object] | None = None) -> None:
+    """Close a streamed response, also when we stop reading it early (or are being cancelled).
+
+    httpx reads a body through a chain of async generators. Stopping early leaves the inner ones
+    suspended, and trio warns when it garbage-collects them; so after closing the response we pull
+    ``reader`` (the outermost iterator) once more: the read fails on the closed stream and the
+    failure unwinds, and so finishes, every generator of the chain.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+        await response.aclose()
+        if reader is not None:
+            try:
+                while True:
+                    await reader.__anext__()
+            except Exception:
+                pass  # StopAsyncIteration or the closed stream's read error: both end the chain

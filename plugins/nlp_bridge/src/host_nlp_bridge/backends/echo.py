@@ -39,6 +39,9 @@ class EchoBackend:
     def describe(self) -> str:
         return f"{self.name} (built-in echo: replies repeat the message, prefixed {ECHO_PREFIX.strip()!r})"
 
+    def key_extra(self, request: ChatRequest) -> tuple[str, ...]:
+        return ()
+
     async def aclose(self) -> None:
         return None
 

@@ -26,7 +26,13 @@ import httpx
 import msgspec
 import trio
 
-from host_nlp_bridge.backends.base import Item, auth_headers, make_client, raise_for_status, translate_errors
+from host_nlp_bridge.backends.base import (
+    Item,
+    auth_headers,
+    make_client,
+    raise_for_status,
+    translate_errors,
+)
 from host_nlp_bridge.config import BackendConfig
 from host_nlp_bridge.errors import BadResponse
 from host_nlp_bridge.model import ChatRequest
@@ -67,6 +73,16 @@ def render(template: Any, values: dict[str, Any]) -> Any:
     return template
 
 
+def _names(template: Any) -> set[str]:
+    if isinstance(template, str):
+        return set(_PART.findall(template))
+    if isinstance(template, dict):
+        return set().union(*map(_names, template.values()))
+    if isinstance(template, list):
+        return set().union(*map(_names, template))
+    return set()
+
+
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else _encode(value).decode()
 
@@ -97,6 +113,13 @@ class HttpJsonBackend:
         self.name = name
         self.settings = settings
         self._client = make_client(settings)
+        used = _names(settings.body)
+        # Variables that differ between users for the same context keep their answers apart.
+        self._identity = tuple(sorted(used & {"conversation_id", "user_id", "user_name", "request_id"}))
+
+    def key_extra(self, request: ChatRequest) -> tuple[str, ...]:
+        values = variables(request)
+        return tuple(f"{name}={values[name]}" for name in self._identity)
 
     def describe(self) -> str:
         url = httpx.URL(self.settings.url).copy_with(username=None, password=None, query=None)

@@ -9,17 +9,23 @@ request with plain JSON is understood too.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
 import msgspec
 import trio
-from httpx_sse import EventSource, SSEError
+from httpx_sse import EventSource, ServerSentEvent, SSEError
 
 from host.logs import logger
-from host_nlp_bridge.backends.base import Item, auth_headers, make_client, raise_for_status, translate_errors
+from host_nlp_bridge.backends.base import (
+    Item,
+    auth_headers,
+    close_stream,
+    make_client,
+    raise_for_status,
+    translate_errors,
+)
 from host_nlp_bridge.config import BackendConfig
 from host_nlp_bridge.errors import BackendUnavailable, BadResponse
 from host_nlp_bridge.model import ChatRequest, Usage
@@ -70,6 +76,9 @@ class _ModelList(msgspec.Struct):
     data: list[_Model] = msgspec.field(default_factory=list)
 
 
+#: Seconds to wait for the end of the body after [DONE] (servers close it at once).
+_DRAIN_TIMEOUT = 1.0
+
 _decode_chunk = msgspec.json.Decoder(_StreamChunk).decode
 _decode_completion = msgspec.json.Decoder(_Completion).decode
 _decode_models = msgspec.json.Decoder(_ModelList).decode
@@ -94,6 +103,9 @@ class OpenAIBackend:
         url = httpx.URL(self._base).copy_with(username=None, password=None)
         model = self.model or "(first listed by the server)"
         return f"{self.name} (openai {url}, model {model}{', streaming' if self.can_stream else ''})"
+
+    def key_extra(self, request: ChatRequest) -> tuple[str, ...]:
+        return ()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -137,50 +149,52 @@ class OpenAIBackend:
         )
         with translate_errors(self.name):
             response = await self._client.send(outgoing, stream=True)
+        events: AsyncGenerator[ServerSentEvent, None] | None = None
         try:
             await raise_for_status(self.name, response)
-            if "text/event-stream" in response.headers.get("content-type", ""):
-                async with aclosing(self._read_stream(response)) as items:
-                    async for item in items:
-                        yield item
-            else:
+            if "text/event-stream" not in response.headers.get("content-type", ""):
                 with translate_errors(self.name):
                     raw = await response.aread()
                 for item in self._read_completion(raw):
                     yield item
-        finally:
-            # Closing a half-read response must happen even while we are being cancelled.
-            with trio.CancelScope(shield=True):
-                await response.aclose()
-
-    async def _read_stream(self, response: httpx.Response) -> AsyncIterator[Item]:
-        finished = False
-        with translate_errors(self.name):
-            try:
-                async with aclosing(EventSource(response).aiter_sse()) as events:
-                    async for event in events:
-                        data = event.data.strip()
-                        if not data:
-                            continue
-                        if data == "[DONE]":
-                            return
-                        try:
-                            chunk = _decode_chunk(data)
-                        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                            raise BadResponse(self.name, f"malformed SSE data ({exc}): {data[:80]!r}") from None
-                        if chunk.error is not None:
-                            raise BadResponse(self.name, f"the server reported an error mid-stream: {chunk.error!r:.200}")
+                return
+            events = EventSource(response).aiter_sse()
+            done = finish_seen = False
+            with translate_errors(self.name):
+                while not done:
+                    try:
+                        event = await events.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except SSEError as exc:
+                        raise BadResponse(self.name, f"malformed SSE stream: {exc}") from None
+                    data = event.data.strip()
+                    if data == "[DONE]":
+                        done = True
+                    elif data:
+                        chunk = self._decode_event(data)
                         for choice in chunk.choices:
                             if choice.delta is not None and choice.delta.content:
                                 yield choice.delta.content
-                            if choice.finish_reason:
-                                finished = True
+                            finish_seen = finish_seen or bool(choice.finish_reason)
                         if chunk.usage is not None:
                             yield Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-            except SSEError as exc:
-                raise BadResponse(self.name, f"malformed SSE stream: {exc}") from None
-        if not finished:
-            raise BackendUnavailable(self.name, "the stream ended before [DONE]: the answer was cut off")
+            # A finish_reason without [DONE] is a complete answer; neither means it was cut off.
+            if not (done or finish_seen):
+                raise BackendUnavailable(self.name, "the stream ended before [DONE]: the answer was cut off")
+            if done:
+                await _read_to_end(events)
+        finally:
+            await close_stream(response, events)
+
+    def _decode_event(self, data: str) -> _StreamChunk:
+        try:
+            chunk = _decode_chunk(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BadResponse(self.name, f"malformed SSE data ({exc}): {data[:80]!r}") from None
+        if chunk.error is not None:
+            raise BadResponse(self.name, f"the server reported an error mid-stream: {chunk.error!r:.200}")
+        return chunk
 
     def _read_completion(self, raw: bytes) -> list[Item]:
         try:
@@ -196,3 +210,17 @@ class OpenAIBackend:
         if completion.usage is not None:
             items.append(Usage(completion.usage.prompt_tokens, completion.usage.completion_tokens))
         return items
+
+
+async def _read_to_end(events: AsyncIterator[ServerSentEvent]) -> None:
+    """Consume what follows [DONE], so that the connection goes back to the pool for reuse.
+
+    Closing a response that was not read to the end closes its connection, and the next call pays
+    for a new one. Anything going wrong here is ignored: the answer is already complete.
+    """
+    with trio.move_on_after(_DRAIN_TIMEOUT):
+        try:
+            async for _ in events:
+                pass
+        except Exception:
+            pass  # the answer is complete; a late transport error only costs the connection

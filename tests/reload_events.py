@@ -1,0 +1,3 @@
+"""Shared, reload-proof state for connector reload tests (not a plugin)."""
+
+EVENTS: list[str] = []
