@@ -31,7 +31,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -80,7 +80,8 @@ class HttpServer:
         self.settings = settings
         self._url: str | None = None
         self._listening = trio.Event()
-        self._owners: dict[int, RouteInfo] = {}  # id(route) -> info
+        # Each Starlette route with what we know about it (Starlette routes are not hashable).
+        self._entries: list[tuple[BaseRoute, RouteInfo]] = []
         self._started_at = time.monotonic()
         self.app = Starlette(
             routes=[
@@ -91,7 +92,7 @@ class HttpServer:
         )
         for route in self.app.router.routes:
             assert isinstance(route, Route)
-            self._owners[id(route)] = RouteInfo(route.path, "http", "host", tuple(sorted(route.methods or ())))
+            self._entries.append((route, RouteInfo(route.path, "http", "host", tuple(sorted(route.methods or ())))))
 
     # -- configuration and state -------------------------------------------------------------
 
@@ -165,19 +166,15 @@ class HttpServer:
         """Remove every route ``owner`` added (a plugin being unloaded); returns how many."""
         if owner == "host":
             raise ValueError("the host's own routes cannot be removed")
-        kept, removed = [], 0
-        for route in self.app.router.routes:
-            if self._owners.get(id(route), RouteInfo("", "http", "host")).owner == owner:
-                del self._owners[id(route)]
-                removed += 1
-            else:
-                kept.append(route)
-        self.app.router.routes[:] = kept
+        kept = [(route, info) for route, info in self._entries if info.owner != owner]
+        removed = len(self._entries) - len(kept)
+        self._entries = kept
+        self.app.router.routes[:] = [route for route, _ in kept]
         return removed
 
     def routes(self) -> list[RouteInfo]:
         """Every route served, in matching order."""
-        return [self._owners[id(r)] for r in self.app.router.routes if id(r) in self._owners]
+        return [info for _, info in self._entries]
 
     def _owner(self, owner: str | None) -> str:
         return owner or current_plugin.get() or "host"
@@ -190,7 +187,7 @@ class HttpServer:
                     f"{existing.path!r} is already served by {existing.owner}"
                 )
         self.app.router.routes.append(route)
-        self._owners[id(route)] = info
+        self._entries.append((route, info))
         logger.debug("HTTP route {} ({}) added by {}", info.path, info.kind, info.owner)
         return info
 
@@ -224,7 +221,8 @@ class HttpServer:
         try:
             async with trio.open_nursery() as nursery:
                 binds: list[str] = await nursery.start(
-                    functools.partial(hypercorn.trio.serve, self.app, config, mode="asgi")
+                    # Starlette is an ASGI app; hypercorn's ASGI type is stricter than Starlette's own.
+                    functools.partial(hypercorn.trio.serve, cast(Any, self.app), config, mode="asgi")
                 )
                 self._url = binds[0]
                 self._listening.set()

@@ -57,6 +57,8 @@ class Host:
         self._serving: trio.Nursery | None = None
         self._services: trio.Nursery | None = None
         self._plugin_nurseries: dict[str, trio.Nursery] = {}
+        self._plugin_scope_done: dict[str, trio.Event] = {}
+        self._connector_done: dict[int, trio.Event] = {}
         settings = config.host
         self._queue_send, self._queue_recv = trio.open_memory_channel[Message](settings.queue_size)
         self._closed = False
@@ -180,9 +182,18 @@ class Host:
         self.connector_owners[connector.name] = owner
         await self._serving.start(self._serve_connector, connector)
 
-    async def stop_connector(self, connector: Connector) -> None:
-        """Stop one connector; its ``serve`` returns. Routing by name moves to a successor if any."""
+    async def stop_connector(self, connector: Connector, *, deadline_seconds: float = 30.0) -> None:
+        """Stop one connector and wait until its ``serve`` returned (bounded).
+
+        Routing by name moves to a successor if one took the name (hot reload).
+        """
+        done = self._connector_done.get(id(connector))
         await self._stop_connector(connector)
+        if done is not None:
+            with trio.move_on_after(deadline_seconds) as scope:
+                await done.wait()
+            if scope.cancelled_caught:
+                logger.warning("connector {} did not close within {}s", connector.name, deadline_seconds)
         if self.connectors.get(connector.name) is connector:
             del self.connectors[connector.name]
             self.connector_owners.pop(connector.name, None)
@@ -212,17 +223,19 @@ class Host:
         if self._services is None:
             raise RuntimeError("plugin services can only be started while the host runs")
 
+        done = trio.Event()
+
         async def scope(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
             try:
                 async with trio.open_nursery() as own:
                     task_status.started(own)
                     await trio.sleep_forever()
             finally:
-                if self._plugin_nurseries.get(plugin) is own:
-                    del self._plugin_nurseries[plugin]
+                done.set()
 
         started: trio.Nursery = await self._services.start(scope)
         self._plugin_nurseries[plugin] = started
+        self._plugin_scope_done[plugin] = done
         return started
 
     async def cancel_services(self, plugin: str) -> None:
@@ -368,6 +381,14 @@ class Host:
         self.set_middleware([(p, f) for p, f in self.middleware if p in live or p == ""])
 
     async def _serve_connector(self, connector: Connector, *, task_status: trio.TaskStatus[None]) -> None:
+        done = self._connector_done[id(connector)] = trio.Event()
+        try:
+            await self._serve_connector_inner(connector, task_status)
+        finally:
+            done.set()
+            self._connector_done.pop(id(connector), None)
+
+    async def _serve_connector_inner(self, connector: Connector, task_status: trio.TaskStatus[None]) -> None:
         started = False
 
         class _Status:

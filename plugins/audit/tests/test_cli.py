@@ -19,10 +19,15 @@ from host_audit.settings import LogSettings
 from host.cli import main
 
 
-@pytest.fixture
-def small_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # no stray ./host.toml
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI reads ./host.toml and writes ./logs/error.log: keep both inside the test's directory.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HOST_CONFIG", raising=False)
+
+
+@pytest.fixture
+def small_log(tmp_path: Path) -> Path:
     generate_log(tmp_path / "audit", entries=300, segment_max_records=100)
     return tmp_path / "audit"
 

@@ -71,6 +71,36 @@ async def test_a_plugin_audits_its_own_action_end_to_end(tmp_path: Path, host_lo
     assert b"tok-very-secret" not in raw and b"hunter2-secret" not in raw
 
 
+class LifecycleAuditor:
+    """Audits from its own on_startup (awaited) and on_shutdown (queued with audit_soon)."""
+
+    @hookimpl
+    async def on_startup(self, host: Host) -> None:
+        await host.audit("admin", "startup-check", actor="lifecycle")
+
+    @hookimpl
+    def on_shutdown(self, host: Host) -> None:
+        host.audit_soon("admin", "shutdown-check", actor="lifecycle")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("audit_first", [True, False])
+async def test_other_plugins_can_audit_while_starting_and_stopping(
+    tmp_path: Path, host_logs: CapturedLogs, audit_first: bool
+) -> None:
+    # Whatever the registration order, the log opens first and closes last.
+    plugins = [("audit", plugin), ("lifecycle", LifecycleAuditor())]
+    if not audit_first:
+        plugins.reverse()
+    with trio.fail_after(30):
+        async with open_test_host(*plugins, config=_config(tmp_path)):
+            pass
+    assert not host_logs.errors(), host_logs.text()
+    actions = [e["action"] for e in entries_of(tmp_path) if e["actor"] == "lifecycle"]
+    assert actions == ["startup-check", "shutdown-check"]
+    assert verify_log(tmp_path).clean_end
+
+
 @pytest.mark.anyio
 async def test_host_audit_dir_environment_variable_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOST_AUDIT_DIR", str(tmp_path / "from-env"))

@@ -24,7 +24,8 @@ DAY = 24 * HOUR
 
 def _forty_days(directory: Path, clock: FakeClock) -> LogSettings:
     """One entry an hour for 40 days, a segment a day."""
-    settings = LogSettings.for_directory(directory, segment_max_seconds=86_400, checkpoint_every_records=50)
+    settings = LogSettings.for_directory(directory, segment_max_seconds=86_400, checkpoint_every_records=50,
+                                         checkpoint_every_seconds=6 * 3600)
     log = AuditLog.open(settings, clock=clock)
     for i in range(40 * 24):
         log.append(entry(i))
@@ -33,15 +34,23 @@ def _forty_days(directory: Path, clock: FakeClock) -> LogSettings:
     return settings
 
 
-@pytest.fixture
-def expired_log(tmp_path: Path) -> tuple[Path, Path, list[str]]:
-    """A 40-day log after a 30-day retention pass; returns (dir, backup before expiry, expired names)."""
+@pytest.fixture(scope="module")
+def forty_day_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """Built once: the 40-day log, and the clock reading at its end."""
     clock = FakeClock()
-    settings = _forty_days(tmp_path / "audit", clock)
+    directory = tmp_path_factory.mktemp("forty") / "audit"
+    _forty_days(directory, clock)
+    return directory, clock.now
+
+
+@pytest.fixture
+def expired_log(forty_day_log: tuple[Path, int], tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """The 40-day log after a 30-day retention pass; returns (dir, backup before expiry, expired names)."""
+    source, now = forty_day_log
+    shutil.copytree(source, tmp_path / "audit")
     backup = tmp_path / "before"
-    shutil.copytree(tmp_path / "audit", backup)
-    log = AuditLog.open(LogSettings.for_directory(tmp_path / "audit", retention_days=30,
-                                                  segment_max_seconds=settings.segment_max_seconds), clock=clock)
+    shutil.copytree(source, backup)
+    log = AuditLog.open(LogSettings.for_directory(tmp_path / "audit", retention_days=30), clock=FakeClock(start=now))
     expired = log.expire()
     log.close()
     return tmp_path / "audit", backup, expired
@@ -106,9 +115,10 @@ def test_the_next_retention_pass_finishes_an_interrupted_one(expired_log: tuple[
     assert verify_log(directory).ok
 
 
-def test_nothing_expires_without_retention_or_within_it(tmp_path: Path) -> None:
-    clock = FakeClock()
-    _forty_days(tmp_path, clock)
+def test_nothing_expires_without_retention_or_within_it(forty_day_log: tuple[Path, int], tmp_path: Path) -> None:
+    source, now = forty_day_log
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    clock = FakeClock(start=now)
     count = len(list_segments(tmp_path))
     log = AuditLog.open(LogSettings.for_directory(tmp_path), clock=clock)
     assert log.expire() == []  # retention_days = 0: keep forever

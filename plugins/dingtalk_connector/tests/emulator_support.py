@@ -80,6 +80,20 @@ async def stream_client(emu: Emulator, subscriptions: list[dict[str, str]] | Non
             yield client
 
 
+async def rejected_handshake(url: str) -> httpx.Response:
+    """Attempt a WebSocket upgrade that the server is expected to refuse; returns the HTTP answer.
+
+    (trio-websocket leaks its socket when a handshake is rejected, so rejections are probed with a
+    plain HTTP upgrade request instead.)
+    """
+    async with httpx.AsyncClient() as http:
+        response = await http.get(url.replace("ws://", "http://", 1), headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert response.status_code != 101, "the handshake was accepted"
+    return response
+
+
 def data_of(frame: dict[str, Any]) -> dict[str, Any]:
     value = json.loads(frame["data"])
     assert isinstance(value, dict)

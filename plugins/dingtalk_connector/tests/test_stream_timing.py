@@ -29,6 +29,12 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 
 async def wait_for(predicate: Any) -> None:
+    """Poll host-side state that settles within a few loopback round trips.
+
+    Only for short waits: each poll is a 10 ms timer, and under autojump the virtual clock then only
+    advances by 10 ms per 0.2 s of real time. Waits on long timers use the emulator's ``wait_*``
+    helpers (signalled, no polling) or a plain virtual ``trio.sleep``.
+    """
     while not predicate():
         await trio.sleep(0.01)
 
@@ -62,8 +68,9 @@ async def test_zombie_connection_is_caught_by_the_pong_deadline() -> None:
     with trio.fail_after(LIMIT):
         async with open_emulator() as emu, open_host(dingtalk_config(emu, stream=stream)) as running:
             first = await emu.wait_for_connection(1)
-            # Healthy pings first: the emulator's relay counts them.
-            await wait_for(lambda: (emu.connection(first["connectionId"])["clientPings"] or 0) >= 2)
+            # Healthy pings first (at 20 s and 40 s): the emulator's relay counts them.
+            await trio.sleep(45)
+            assert (emu.connection(first["connectionId"])["clientPings"] or 0) >= 2
             assert stream_of(running).reconnects == {}
             emu.faults.zombie()
             await emu.wait_for_connection(2)
@@ -120,7 +127,8 @@ async def test_registration_timeout_is_retried() -> None:
             async with open_host(dingtalk_config(emu, stream={**stream, "startup_wait": 1.0})) as running:
                 engine = stream_of(running)
                 assert not running.connector.is_ready()
-                await wait_for(lambda: engine.reconnects.get("register_failed", 0) >= 2)
+                await trio.sleep(40)  # two or more attempts time out after register_timeout
+                assert engine.reconnects.get("register_failed", 0) >= 2
                 emu.faults.clear_registration()
                 await emu.wait_for_connection(1)
                 await wait_for(running.connector.is_ready)
@@ -209,6 +217,7 @@ async def test_backpressure_leaves_messages_unacked_until_redelivered() -> None:
             assert frames[0]["ack"] is None
             assert running.metric("host_dingtalk_messages_total", app="default", msgtype="text", outcome="deferred") >= 1
             gate.set()
+            await emu.wait_until(lambda: any(d["ack"] for d in emu.deliveries(m3["msgId"])) or None)
             await wait_for(lambda: len(recorder.messages) == 3)
             assert [m.id for m in recorder.messages] == [m1["msgId"], m2["msgId"], m3["msgId"]]
             deliveries = emu.deliveries(m3["msgId"])
@@ -232,7 +241,7 @@ async def test_event_busy_handlers_leave_events_for_redelivery() -> None:
             assert (await emu.wait_for_ack(slow["messageId"]))["verdict"] == "ok"
             frames = await emu.wait_for_deliveries(other["eventId"], 2)
             assert frames[0]["ack"] is None
-            await wait_for(lambda: [e.type for e in recorder.events].count("other") == 1)
+            await emu.wait_until(lambda: any(d["ack"] for d in emu.deliveries(other["eventId"])) or None)
             assert [e.type for e in recorder.events] == ["slow", "other"]
             assert running.metric("host_dingtalk_events_total", app="default", outcome="deferred") >= 1
 

@@ -432,7 +432,7 @@ class AuditLog:
         if tail.size == 0:
             damaged.unlink()
             findings.append(("empty_segment", {"segment": damaged.name}))
-            older = [p for p in list_segments(self.directory) if p.name < damaged.name]
+            older = [p for p in list_segments(self.directory) if (segment_index(p.name) or 0) < self._segment_index]
             prev_segment = older[-1].name if older else None
         elif tail.fragment:
             findings.append(("torn_tail", _fragment_details(damaged.name, tail.fragment, tail.fragment_offset)))

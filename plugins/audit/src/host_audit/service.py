@@ -41,9 +41,8 @@ class AuditService:
         log = await trio.to_thread.run_sync(functools.partial(AuditLog.open, self.settings, clock=self._clock))
         try:
             await trio.to_thread.run_sync(log.expire)
-        except BaseException:
-            await trio.to_thread.run_sync(log.close)
-            raise
+        except Exception as exc:  # retention failing must not stop auditing
+            logger.opt(exception=exc).error("audit: retention failed at startup: {!r}", exc)
         self.log = log
         self._ticker = _Ticker(log, self.settings)
         self._ticker.start()

@@ -223,6 +223,8 @@ class _Verifier:
         #: Every key announced by a segment header: key id -> seq of the header.
         self.announced: dict[str, int] = {}
         self.used: dict[str, None] = {}
+        #: (key id, signature, signed bytes) already verified.
+        self.verified: set[tuple[str, str, bytes]] = set()
         if checkpoint_files is None:
             default = directory / CHECKPOINTS_FILE
             checkpoint_files = [default] if default.exists() else []
@@ -468,12 +470,15 @@ class _Verifier:
             else:
                 reason = f"signed with key {key_id}, which the log never announced: forged or re-signed"
             raise _Bad(Problem(where, seq, "untrusted_key", reason))
+        if (key_id, sig, message) in self.verified:
+            return  # the same checkpoint in the log and in a checkpoint file: verified once
         try:
             signature = base64.b64decode(sig, validate=True)
         except binascii.Error:
             signature = b""
         if not key.verify(signature, message):
             raise _Bad(Problem(where, seq, "bad_signature", "the checkpoint signature is invalid: forged or altered"))
+        self.verified.add((key_id, sig, message))
         self.used[key_id] = None
 
     def _finding(self, line: bytes) -> None:

@@ -88,22 +88,39 @@ class Ticket:
         lane = self._lane
         # Let messages handed over in the same scheduling batch join the lane before we look.
         await trio.lowlevel.checkpoint()
+        if (result := self._try_turn(lane)) is not None:
+            return result
         with trio.move_on_at(deadline):
             while True:
-                if self.merged_into is not None:
-                    return "merged"
-                if lane.active is None and lane.waiting and lane.waiting[0] is self:
-                    lane.waiting.pop(0)
-                    lane.active = self
-                    self._state = "active"
-                    if self._admission.merge and lane.waiting:
-                        self._absorb(lane)
-                    return "go"
                 await lane.changed.wait()
+                if (result := self._try_turn(lane)) is not None:
+                    return result
         return "timeout"
+
+    def _try_turn(self, lane: _Lane) -> TurnResult | None:
+        if self.merged_into is not None:
+            return "merged"
+        if lane.active is None and lane.waiting and lane.waiting[0] is self:
+            lane.waiting.pop(0)
+            lane.active = self
+            self._state = "active"
+            if self._admission.merge and lane.waiting:
+                self._absorb(lane)
+            return "go"
+        return None
 
     async def acquire_slot(self, deadline: float) -> bool:
         """Wait for one of the ``max_concurrency`` call slots; ``False`` if ``deadline`` came first."""
+        limiter = self._admission.limiter
+        # A free slot needs no waiting (wait_turn already checkpointed). acquire..._nowait refuses
+        # while others wait, so the limiter stays first come, first served.
+        try:
+            limiter.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            pass
+        else:
+            self.holds_slot = True
+            return True
         with trio.move_on_at(deadline):
             await self._admission.limiter.acquire_on_behalf_of(self)
             self.holds_slot = True

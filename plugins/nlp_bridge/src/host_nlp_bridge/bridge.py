@@ -101,7 +101,9 @@ class _Turn:
     outcome: str = "pending"
 
 
-async def _next_item(items: AsyncIterator[str | Usage], deadline: float, backend: str, final: bool) -> str | Usage | None:
+async def _next_item(
+    items: AsyncIterator[str | Usage], deadline: float, backend: str, final: bool
+) -> str | Usage | None:
     """The next item, ``None`` at the end; ``BackendTimeout`` when ``deadline`` passes first."""
     # The cancel scope covers only this await: trio forbids yielding from inside one.
     with trio.move_on_at(deadline):
@@ -109,7 +111,11 @@ async def _next_item(items: AsyncIterator[str | Usage], deadline: float, backend
             return await items.__anext__()
         except StopAsyncIteration:
             return None
-    raise BackendTimeout(backend, "the answer deadline passed" if final else "total_timeout passed")
+    raise BackendTimeout(backend, _deadline_detail(final))
+
+
+def _deadline_detail(final: bool) -> str:
+    return "the answer deadline passed" if final else "total_timeout passed"
 
 
 class Bridge:
@@ -413,8 +419,27 @@ class Bridge:
                 try:
                     if now >= turn.deadline:
                         raise BackendTimeout(name, "the answer deadline passed")
+                    stall = runtime.backend.stall_timeout
                     async with aclosing(runtime.backend.generate(turn.request)) as items:  # type: ignore[type-var]
-                        while (item := await _next_item(items, attempt_deadline, name, final)) is not None:
+                        guarded = True
+                        while True:
+                            if guarded:
+                                item = await _next_item(items, attempt_deadline, name, final)
+                            else:
+                                # A cancel scope per chunk is the biggest cost of streaming. While the
+                                # deadline is further away than the backend's own stall timeout, that
+                                # timeout catches a silent stream first, and the clock check below a
+                                # talkative one: no scope needed.
+                                try:
+                                    item = await items.__anext__()
+                                except StopAsyncIteration:
+                                    item = None
+                            if item is None:
+                                break
+                            now = self._clock()
+                            if now >= attempt_deadline:
+                                raise BackendTimeout(name, _deadline_detail(final))
+                            guarded = stall is None or now + stall >= attempt_deadline
                             if isinstance(item, Usage):
                                 usage = item
                                 continue
@@ -423,7 +448,7 @@ class Bridge:
                             if first_text:
                                 first_text = False
                                 if self.metrics is not None:
-                                    self.metrics.time_to_first_token.labels(name).observe(self._clock() - started)
+                                    self.metrics.first_token(name, self._clock() - started)
                             got_text = True
                             turn.parts.append(item)
                             yield item
@@ -465,7 +490,7 @@ class Bridge:
                     break
                 logger.info("nlp_bridge: backend {} attempt {} failed ({}); retrying in {:.2f}s", name, attempt, error.detail, delay)
                 if self.metrics is not None:
-                    self.metrics.retries.labels(name, error.kind).inc()
+                    self.metrics.retry(name, error.kind)
                 await trio.sleep(delay)
                 if not runtime.breaker.allow():
                     self._call_done(name, "rejected", started)
@@ -512,12 +537,12 @@ class Bridge:
 
     def _reject(self, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.rejected.labels(reason).inc()
+            self.metrics.reject(reason)
         self._count("busy" if reason.startswith("queue") else reason)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.answers.labels(outcome).inc()
+            self.metrics.answer(outcome)
 
     @staticmethod
     def _inc(counter: object) -> None:
@@ -525,11 +550,8 @@ class Bridge:
             counter.inc()  # type: ignore[attr-defined]
 
     def _call_done(self, backend: str, outcome: str, started: float | None = None) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.calls.labels(backend, outcome).inc()
-        if started is not None:
-            self.metrics.call_duration.labels(backend).observe(self._clock() - started)
+        if self.metrics is not None:
+            self.metrics.call(backend, outcome, None if started is None else self._clock() - started)
 
     def _count_tokens(self, backend: str, turn: _Turn, usage: Usage | None) -> None:
         if self.metrics is None:
@@ -538,8 +560,7 @@ class Bridge:
             usage = Usage(
                 sum(estimate_tokens(m.content) for m in turn.request.messages), estimate_tokens("".join(turn.parts))
             )
-        self.metrics.tokens.labels(backend, "prompt").inc(usage.prompt_tokens)
-        self.metrics.tokens.labels(backend, "completion").inc(usage.completion_tokens)
+        self.metrics.used_tokens(backend, usage.prompt_tokens, usage.completion_tokens)
 
     def _dequeued(self, waited: float) -> None:
         if self.metrics is not None:

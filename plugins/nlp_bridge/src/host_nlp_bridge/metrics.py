@@ -6,7 +6,7 @@ sets below; never a user or conversation id.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from host.metrics import Metrics
@@ -56,6 +56,39 @@ class BridgeMetrics:
         )
         self.answers = m.counter("nlp_answers_total", "Messages handled by the bridge, by outcome.", ["outcome"])
         self.memory_conversations = m.gauge("nlp_memory_conversations", "Conversations held in memory.")
+
+        # prometheus-client's labels() validates and locks on every call; children are cached here
+        # (the label sets are bounded, so is the cache).
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def call(self, backend: str, outcome: str, seconds: float | None = None) -> None:
+        self.child(self.calls, backend, outcome).inc()
+        if seconds is not None:
+            self.child(self.call_duration, backend).observe(seconds)
+
+    def first_token(self, backend: str, seconds: float) -> None:
+        self.child(self.time_to_first_token, backend).observe(seconds)
+
+    def used_tokens(self, backend: str, prompt: int, completion: int) -> None:
+        self.child(self.tokens, backend, "prompt").inc(prompt)
+        self.child(self.tokens, backend, "completion").inc(completion)
+
+    def retry(self, backend: str, reason: str) -> None:
+        self.child(self.retries, backend, reason).inc()
+
+    def reject(self, reason: str) -> None:
+        self.child(self.rejected, reason).inc()
+
+    def answer(self, outcome: str) -> None:
+        self.child(self.answers, outcome).inc()
 
     def breaker_changed(self, backend: str, state: str) -> None:
         self.breaker_state.labels(backend).set(_BREAKER_VALUES[state])

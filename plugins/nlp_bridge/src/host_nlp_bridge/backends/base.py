@@ -53,6 +53,8 @@ class Backend(Protocol):
     model: str
     #: Can answer token by token.
     can_stream: bool
+    #: Longest silence the backend itself tolerates before failing (its read timeout), or ``None``.
+    stall_timeout: float | None
 
     def generate(self, request: ChatRequest) -> AsyncIterator[Item]:
         """The answer to ``request``: text chunks in order, and ``Usage`` when reported."""

@@ -31,6 +31,8 @@ class EchoBackend:
     kind = "echo"
     can_stream = True
     model = "echo"
+    #: Echo's deliberate delays are not bounded by any timeout of its own.
+    stall_timeout: float | None = None
 
     def __init__(self, name: str, settings: BackendConfig) -> None:
         self.name = name

@@ -113,6 +113,7 @@ class HttpJsonBackend:
         self.name = name
         self.settings = settings
         self._client = make_client(settings)
+        self.stall_timeout: float | None = settings.read_timeout
         used = _names(settings.body)
         # Variables that differ between users for the same context keep their answers apart.
         self._identity = tuple(sorted(used & {"conversation_id", "user_id", "user_name", "request_id"}))

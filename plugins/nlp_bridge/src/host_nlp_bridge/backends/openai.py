@@ -97,6 +97,7 @@ class OpenAIBackend:
         self.can_stream = settings.stream
         self._base = settings.base_url.rstrip("/")
         self._client = make_client(settings)
+        self.stall_timeout: float | None = settings.read_timeout
         self._model_lock = trio.Lock()
 
     def describe(self) -> str:
