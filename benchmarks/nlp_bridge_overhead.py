@@ -28,10 +28,13 @@ import httpx
 import msgspec
 import trio
 
-WARMUP = 200
-CALLS = 2000
+WARMUP = 100
+CALLS = 1000
 CONVERSATIONS = 100
-MESSAGES_PER_CONVERSATION = 20
+MESSAGES_PER_CONVERSATION = 10
+#: Backend calls in flight at once in the throughput runs (the bridge's max_concurrency, and the
+#: bare client's limit). The server is one process: more only adds a connection storm at the start.
+CALL_CONCURRENCY = 16
 ANSWER = "The quick brown fox jumps over the lazy dog, twice, to measure a realistic small answer."
 
 
@@ -221,8 +224,8 @@ async def throughput(url: str) -> dict[str, float]:
         "logging": {"dir": "", "level": "WARNING"},
         "host": {"concurrency": 256, "queue_size": 4096},
         "nlp_bridge": {
-            "backends": {"main": {"type": "openai", "base_url": f"{url}/v1", "model": "bench", "max_connections": 128}},
-            "limits": {"max_concurrency": 64, "queue_size": 1000, "user_rate_per_minute": 0},
+            "backends": {"main": {"type": "openai", "base_url": f"{url}/v1", "model": "bench", "max_connections": CALL_CONCURRENCY}},
+            "limits": {"max_concurrency": CALL_CONCURRENCY, "queue_size": 1000, "user_rate_per_minute": 0},
         },
     }
     host = build_host(load_config(data=data, environ={}), plugins=[("nlp_bridge", plugin)], entry_points=False)
@@ -288,9 +291,9 @@ async def throughput(url: str) -> dict[str, float]:
 async def bare_throughput(url: str) -> dict[str, float]:
     """The same load with bare httpx streaming calls (no host, no bridge): the server's ceiling."""
     timeout = httpx.Timeout(connect=5, read=60, write=60, pool=60)
-    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    limits = httpx.Limits(max_connections=CALL_CONCURRENCY, max_keepalive_connections=CALL_CONCURRENCY)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-        limiter = trio.CapacityLimiter(64)
+        limiter = trio.CapacityLimiter(CALL_CONCURRENCY)
 
         async def conversation(c: int) -> None:
             for j in range(MESSAGES_PER_CONVERSATION):
@@ -326,7 +329,10 @@ async def run(url: str) -> None:
         )
     base = await bare_throughput(url)
     t = await throughput(url)
-    print(f"\n[throughput] {CONVERSATIONS} concurrent conversations x {MESSAGES_PER_CONVERSATION} messages, streamed answers")
+    print(
+        f"\n[throughput] {CONVERSATIONS} concurrent conversations x {MESSAGES_PER_CONVERSATION} messages, streamed answers, "
+        f"{CALL_CONCURRENCY} backend calls at once"
+    )
     print(f"  bare httpx (no host, no bridge)  {base['per_second']:8.0f} answers/s")
     print(
         f"  host + loopback + bridge         {t['per_second']:8.0f} answers/s  "

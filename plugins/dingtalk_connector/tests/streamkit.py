@@ -112,7 +112,13 @@ async def open_host(
     host_settings: dict[str, Any] | None = None,
 ) -> AsyncIterator[RunningHost]:
     """Run a real Host with the dingtalk plugin (configured by ``dingtalk``) and ``plugins``."""
-    data = {"logging": {"dir": ""}, "http": {"enabled": False}, "dingtalk": dingtalk, "host": {"shutdown_timeout": 10.0, **(host_settings or {})}}
+    host_section = {
+        "shutdown_timeout": 10.0,
+        "control_socket": "",
+        "reload": {"watch_entry_points": False},
+        **(host_settings or {}),
+    }
+    data = {"logging": {"dir": ""}, "http": {"enabled": False}, "dingtalk": dingtalk, "host": host_section}
     config = load_config(data=data, environ={})
     host = build_host(config, plugins=[("dingtalk_connector", dingtalk_plugin), *plugins], entry_points=False)
     assert "dingtalk" in host.connectors, "the dingtalk connector was not registered"
