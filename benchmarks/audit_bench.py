@@ -92,7 +92,8 @@ def bench_append(root: Path, n: int) -> tuple[list[int], list[int]]:
 
 
 async def bench_host(root: Path, n: int) -> tuple[list[int], list[int]]:
-    config = load_config(data={"logging": {"dir": ""}, "audit": {"dir": str(root / "host")}}, environ={})
+    data = {"logging": {"dir": ""}, "http": {"enabled": False}, "audit": {"dir": str(root / "host")}}
+    config = load_config(data=data, environ={})
     host = build_host(config, plugins=[("audit", plugin)], entry_points=False)
     clock = time.perf_counter_ns
     awaited, queued = [], []
@@ -115,25 +116,29 @@ async def bench_host(root: Path, n: int) -> tuple[list[int], list[int]]:
 
 
 async def bench_strict(root: Path, n: int) -> tuple[list[int], list[int]]:
+    """Alternating, so both see the same disk: a strict append, then a raw write+fsync (also in a
+    worker thread, as the plugin does it)."""
     service = AuditService(LogSettings.for_directory(root / "strict", fsync="strict"))
     await service.open()
+    line = seal(ZERO_HASH, encode(entry_record(ENTRY, 0, 0)))[0]
+    fd = os.open(root / "raw-fsync.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def write_and_fsync() -> None:
+        os.write(fd, line)
+        os.fsync(fd)
+
     clock = time.perf_counter_ns
-    samples = []
+    strict, raw = [], []
     for _ in range(n):
         start = clock()
         await service.append(ENTRY)
-        samples.append(clock() - start)
-    await service.close()
-    line = seal(ZERO_HASH, encode(entry_record(ENTRY, 0, 0)))[0]
-    fd = os.open(root / "raw-fsync.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    raw = []
-    for _ in range(n):
+        strict.append(clock() - start)
         start = clock()
-        os.write(fd, line)
-        os.fsync(fd)
+        await trio.to_thread.run_sync(write_and_fsync)
         raw.append(clock() - start)
+    await service.close()
     os.close(fd)
-    return samples, raw
+    return strict, raw
 
 
 def raw_read_and_hash(directory: Path) -> int:
@@ -160,11 +165,12 @@ def bench_verify(root: Path, n: int) -> dict[str, Any]:
         best[f"{name}_cpu"] = min(cpu, best.get(f"{name}_cpu", cpu))
 
     for _ in range(3):
-        wall, cpu = time.perf_counter(), time.process_time()
-        report = verify_log(directory)
-        keep_best("verify", time.perf_counter() - wall, time.process_time() - cpu)
-        assert report.ok, report.summary()
-        best.update(records=report.records, checkpoints=report.checkpoints_in_log)
+        for jobs in (1, 2):
+            wall, cpu = time.perf_counter(), time.process_time()
+            report = verify_log(directory, jobs=jobs)
+            keep_best(f"verify{jobs}", time.perf_counter() - wall, time.process_time() - cpu)
+            assert report.ok, report.summary()
+            best.update(records=report.records, checkpoints=report.checkpoints_in_log)
         wall, cpu = time.perf_counter(), time.process_time()
         best["raw_records"] = raw_read_and_hash(directory)
         keep_best("raw", time.perf_counter() - wall, time.process_time() - cpu)
@@ -196,21 +202,25 @@ def main() -> None:
 
         print(f"\n3. strict fsync, {args.strict_appends} records (disk-bound)")
         strict, raw_fsync = trio.run(bench_strict, root, args.strict_appends)
-        print_rows([row("AuditService.append (strict)", strict), row("baseline: os.write + os.fsync", raw_fsync)])
+        print_rows([row("AuditService.append (strict)", strict), row("baseline: write+fsync in a thread", raw_fsync)])
         print(f"  ratio strict/raw: p50 {pct(strict, .5) / pct(raw_fsync, .5):.2f}x")
 
         print(f"\n4. verify, {args.verify_records:,} entries (best of 3 rounds)")
         v = bench_verify(root, args.verify_records)
         print(f"  {'':34} {'records/s':>12} {'per CPU-s':>12} {'MB/s':>8}")
-        for name, label, records in (("verify", "verify_log", v["records"]),
-                                     ("raw", "baseline: read+split+sha256", v["raw_records"])):
-            print(f"  {label:34} {records / v[name + '_wall']:12,.0f} {records / v[name + '_cpu']:12,.0f}"
-                  f" {v['bytes'] / v[name + '_wall'] / 1e6:8.1f}")
-        rate = v["records"] / v["verify_wall"]
+        rows = (("verify1", "verify_log, 1 process", v["records"]),
+                ("raw", "baseline: read+split+sha256", v["raw_records"]),
+                ("verify2", "verify_log, 2 worker processes", v["records"]))
+        for name, label, records in rows:
+            cpu = f"{records / v[name + '_cpu']:12,.0f}" if name != "verify2" else f"{'(n/a)':>12}"
+            print(f"  {label:34} {records / v[name + '_wall']:12,.0f} {cpu} {v['bytes'] / v[name + '_wall'] / 1e6:8.1f}")
+        rate = v["records"] / v["verify1_wall"]
         print(f"  ({v['records']:,} records, {v['checkpoints']} checkpoint signatures verified)")
-        print(f"  ratio verify/raw (wall): {rate / (v['raw_records'] / v['raw_wall']):.2f}x")
-        print(f"  goal >= 200,000 records/s: {'PASS' if rate >= 200_000 else 'FAIL'} ({rate:,.0f}/s wall, "
-              f"{v['records'] / v['verify_cpu']:,.0f}/s per CPU-second)")
+        print(f"  ratio verify (1 process) / raw, wall: {rate / (v['raw_records'] / v['raw_wall']):.2f}x; "
+              f"2 processes / 1: {v['verify1_wall'] / v['verify2_wall']:.2f}x")
+        best_rate = v["records"] / min(v["verify1_wall"], v["verify2_wall"])
+        print(f"  goal >= 200,000 records/s: {'PASS' if best_rate >= 200_000 else 'FAIL'} ({best_rate:,.0f}/s wall; "
+              f"1 process: {v['records'] / v['verify1_cpu']:,.0f}/s per CPU-second)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ the log sink, which masks it wherever it would appear.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import re
 import threading
@@ -30,6 +31,10 @@ from host.errors import ConfigError
 
 __all__ = [
     "ENV_OVERRIDES",
+    "AccessRole",
+    "AccessSection",
+    "AdminKey",
+    "AdminSection",
     "Config",
     "HostSection",
     "HttpSection",
@@ -37,6 +42,7 @@ __all__ = [
     "PluginsSection",
     "ReloadSection",
     "Secret",
+    "TlsSection",
     "known_secret_values",
     "load_config",
     "redact",
@@ -204,9 +210,22 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True):
     #: ``HOST:PORT`` to listen on (``[::1]:9464`` for IPv6; port 0 picks a free port). Loopback by
     #: default: ``/metrics`` is not for the internet. Use ``0.0.0.0:9464`` in a container.
     addr: str = "127.0.0.1:9464"
+    #: PEM certificate chain and private key: serve HTTPS instead of HTTP, with the host's TLS policy
+    #: (TLS 1.2+, forward-secret AEAD ciphers; see ``host.tls``). Both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: Password of an encrypted ``tls_key``, if it is encrypted.
+    tls_key_password: Secret | None = None
 
     def __post_init__(self) -> None:
         self.host_port()  # a malformed address is a configuration error, found at load time
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key: set both (to serve HTTPS) or neither")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server serves HTTPS."""
+        return bool(self.tls_cert)
 
     def host_port(self) -> tuple[str, int]:
         """``addr`` split into host and port (``ValueError`` naming the problem if malformed)."""
@@ -215,6 +234,159 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True):
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"addr: expected HOST:PORT (e.g. 127.0.0.1:9464), got {self.addr!r}")
         return host, int(port)
+
+
+class TlsSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[tls]``: the TLS policy of outbound connections (see ``host.tls``)."""
+
+    #: An extra PEM CA bundle (file or hashed directory) trusted in addition to the system store,
+    #: for private CAs. ``SSL_CERT_FILE``/``SSL_CERT_DIR`` replace the system store instead.
+    ca_file: str = ""
+
+
+#: Algorithms an admin token key may be pinned to. ``none`` and anything else are refused.
+ADMIN_ALGORITHMS = ("EdDSA", "ES256", "RS256", "HS256", "HS384", "HS512")
+_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+_KID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class AdminKey(msgspec.Struct, forbid_unknown_fields=True):
+    """``[admin.keys.<kid>]``: one key admin tokens may be signed with, pinned to one algorithm."""
+
+    algorithm: Literal["EdDSA", "ES256", "RS256", "HS256", "HS384", "HS512"]
+    #: HS256/HS384/HS512: the shared secret (at least as long as the hash: 32/48/64 bytes).
+    secret: Secret | None = None
+    #: EdDSA/ES256/RS256: PEM public key that verifies tokens (the host needs only this).
+    public_key_file: str = ""
+    #: EdDSA/ES256/RS256: PEM private key, only where tokens are minted (``python -m host admin
+    #: token``); the public key is derived from it when ``public_key_file`` is empty.
+    private_key_file: str = ""
+
+    @property
+    def symmetric(self) -> bool:
+        return self.algorithm.startswith("HS")
+
+
+class AdminSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[admin]``: the admin API on the host's HTTP server (``/admin/...``; see ``host.admin``)."""
+
+    enabled: bool = False
+    #: Required ``iss`` and ``aud`` claims of admin tokens.
+    issuer: str = "host-admin"
+    audience: str = "host-admin-api"
+    #: Longest accepted token lifetime, ``exp - iat``, in seconds.
+    max_token_lifetime: float = 900.0
+    #: Clock skew tolerated on ``exp``/``iat``/``nbf`` and the request-signature timestamp, seconds.
+    leeway: float = 30.0
+    #: Lifetime of tokens minted by ``python -m host admin token``, seconds.
+    token_ttl: float = 300.0
+    #: Token keys by key id (``kid`` header); several at once for rotation.
+    keys: dict[str, AdminKey] = msgspec.field(default_factory=dict)
+    #: Client addresses (CIDRs) allowed to call the admin API; the peer address of the connection.
+    allow_ips: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: HMAC-SHA256 request-signing keys by key id (at least 32 bytes each).
+    request_keys: dict[str, Secret] = msgspec.field(default_factory=dict)
+    #: Every admin request must be signed (``X-Host-Signature`` ...); else signatures are checked
+    #: when present.
+    require_signed_requests: bool = False
+    #: How far a signed request's timestamp may be from now, seconds (nonces are kept twice as long).
+    signature_window: float = 300.0
+    #: How many recent nonces are remembered (replay protection); beyond it signed requests get 429.
+    nonce_cache_size: int = 10000
+    #: Largest accepted request body, bytes.
+    max_body_bytes: int = 65536
+    #: Pinned audit-log public keys (PEM files) for ``/admin/audit/verify``; empty: the keys the log
+    #: announces itself.
+    audit_public_keys: list[str] = msgspec.field(default_factory=list)
+    #: Denied attempts audited per minute at most (the rest are counted, then summarized).
+    audit_denied_per_minute: int = 60
+
+    def __post_init__(self) -> None:
+        for kid, key in self.keys.items():
+            _check_kid(kid, "keys")
+            if key.symmetric:
+                if key.secret is None or key.public_key_file or key.private_key_file:
+                    raise ValueError(f"keys.{kid}: {key.algorithm} needs `secret` (and no key files)")
+                need = _HMAC_MIN_BYTES[key.algorithm]
+                if len(key.secret.reveal().encode()) < need:
+                    raise ValueError(f"keys.{kid}: the {key.algorithm} secret must be at least {need} bytes")
+            elif key.secret is not None or not (key.public_key_file or key.private_key_file):
+                raise ValueError(
+                    f"keys.{kid}: {key.algorithm} needs `public_key_file` (or `private_key_file`), not `secret`"
+                )
+        for kid, secret in self.request_keys.items():
+            _check_kid(kid, "request_keys")
+            if len(secret.reveal().encode()) < 32:
+                raise ValueError(f"request_keys.{kid}: must be at least 32 bytes")
+        for cidr in self.allow_ips:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"allow_ips: {cidr!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+        if not 0 < self.max_token_lifetime <= 86400:
+            raise ValueError("max_token_lifetime: must be > 0 and at most 86400 seconds")
+        if not 0 < self.token_ttl <= self.max_token_lifetime:
+            raise ValueError("token_ttl: must be > 0 and at most max_token_lifetime")
+        if not 0 <= self.leeway <= 300:
+            raise ValueError("leeway: must be between 0 and 300 seconds")
+        if not 0 < self.signature_window <= 3600:
+            raise ValueError("signature_window: must be > 0 and at most 3600 seconds")
+        if self.nonce_cache_size < 1 or self.max_body_bytes < 0 or self.audit_denied_per_minute < 0:
+            raise ValueError("nonce_cache_size must be >= 1; max_body_bytes, audit_denied_per_minute >= 0")
+        if self.enabled and not self.keys:
+            raise ValueError("enabled = true needs at least one token key in [admin.keys.<kid>]")
+        if self.require_signed_requests and not self.request_keys:
+            raise ValueError("require_signed_requests = true needs at least one key in [admin.request_keys]")
+
+
+def _check_kid(kid: str, table: str) -> None:
+    if not _KID.match(kid):
+        raise ValueError(f"{table}: key id {kid!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+
+
+class AccessRole(msgspec.Struct, forbid_unknown_fields=True):
+    """``[access.roles.<role>]``: who has a role, by identity or department."""
+
+    users: list[str] = msgspec.field(default_factory=list)
+    departments: list[str] = msgspec.field(default_factory=list)
+
+
+class AccessSection(msgspec.Struct, forbid_unknown_fields=True):
+    """``[access]``: who may use the bot, where, and which commands need the ``admin`` role.
+
+    Users are matched on ``message.sender.identity`` (the resolved site-wide id) and
+    ``message.sender.departments``; conversations on ``message.conversation.id``. Deny wins over
+    allow; empty allow lists allow everyone. Applied live on configuration reload (see
+    ``host.access``).
+    """
+
+    #: If either is non-empty, only these identities / members of these departments may use the bot.
+    allow_users: list[str] = msgspec.field(default_factory=list)
+    allow_departments: list[str] = msgspec.field(default_factory=list)
+    #: Never answered (wins over the allow lists and roles).
+    deny_users: list[str] = msgspec.field(default_factory=list)
+    deny_departments: list[str] = msgspec.field(default_factory=list)
+    #: 1:1 chats with the bot.
+    allow_direct_chats: bool = True
+    #: Group chats at all; ``allow_groups`` non-empty: only these group conversation ids.
+    allow_group_chats: bool = True
+    allow_groups: list[str] = msgspec.field(default_factory=list)
+    deny_groups: list[str] = msgspec.field(default_factory=list)
+    #: Roles by name, e.g. ``[access.roles.admin] users = ["alice"]``.
+    roles: dict[str, AccessRole] = msgspec.field(default_factory=dict)
+    #: Message text prefixes (e.g. ``/reload``) only senders with role ``admin`` may use.
+    admin_commands: list[str] = msgspec.field(default_factory=list)
+    #: Reply to a denied message in a 1:1 chat (empty: ignore silently).
+    refusal: str = "Sorry, you are not allowed to use this bot here."
+    #: Reply to a denied message in a group chat (empty: ignore silently, the default).
+    group_refusal: str = ""
+    #: Reply to an admin-only command from a sender without the ``admin`` role.
+    command_refusal: str = "Sorry, that command is for administrators only."
+
+    def __post_init__(self) -> None:
+        for prefix in self.admin_commands:
+            if not prefix.strip():
+                raise ValueError("admin_commands: an empty prefix would match every message")
 
 
 #: Named environment overrides: variable -> (section, key, kind).
@@ -228,6 +400,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str, str]] = {
     "HOST_PLUGINS_ALLOW": ("plugins", "allow", "list"),
     "HOST_PLUGINS_DENY": ("plugins", "deny", "list"),
     "HOST_HTTP_ADDR": ("http", "addr", "str"),
+    "HOST_TLS_CA_FILE": ("tls", "ca_file", "str"),
 }
 
 _CORE_SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -235,6 +408,9 @@ _CORE_SECTIONS: dict[str, type[msgspec.Struct]] = {
     "logging": LoggingSection,
     "plugins": PluginsSection,
     "http": HttpSection,
+    "tls": TlsSection,
+    "admin": AdminSection,
+    "access": AccessSection,
 }
 
 
@@ -323,6 +499,24 @@ class Config:
         assert isinstance(section, PluginsSection)
         return section
 
+    @property
+    def tls(self) -> TlsSection:
+        section = self._sections["tls"]
+        assert isinstance(section, TlsSection)
+        return section
+
+    @property
+    def admin(self) -> AdminSection:
+        section = self._sections["admin"]
+        assert isinstance(section, AdminSection)
+        return section
+
+    @property
+    def access(self) -> AccessSection:
+        section = self._sections["access"]
+        assert isinstance(section, AccessSection)
+        return section
+
     def section(self, name: str) -> Any:
         """The validated struct of a registered section (``KeyError`` if none was registered)."""
         return self._sections[name]
@@ -393,6 +587,8 @@ def load_config(
                 raise ConfigError(f"{source}: configuration file not found") from None
             except OSError as exc:
                 raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     apply_env_overrides(merged, environ)

@@ -2,7 +2,9 @@
 
 A Starlette app served by hypercorn on trio, started by ``Host.run`` inside its nursery before the
 plugins start (so ``/healthz`` answers and ``/readyz`` says "starting" during startup) and stopped
-when the host stops. Configured by the ``[http]`` section (``addr``, ``enabled``) or ``HOST_HTTP_ADDR``.
+when the host stops. Configured by the ``[http]`` section (``addr``, ``enabled``) or ``HOST_HTTP_ADDR``;
+with ``tls_cert``/``tls_key`` it serves HTTPS only, under the host's TLS policy (``host.tls``: TLS 1.2+,
+forward-secret AEAD ciphers, no compression).
 
 ============  ==============================================================================
 ``/metrics``  Prometheus text exposition of ``host.metrics`` (every host and plugin metric).
@@ -28,6 +30,7 @@ import functools
 import inspect
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from starlette.types import ASGIApp
 
 from host.errors import HostError
 from host.logs import current_plugin, logger
+from host.tls import TLS12_CIPHERS, TlsPolicyError, server_context
 
 if TYPE_CHECKING:
     from host.config import HttpSection
@@ -198,9 +202,9 @@ class HttpServer:
 
         Raises ``HttpServerError`` naming the address and the reason when it cannot listen.
         """
-        import hypercorn.config
         import hypercorn.trio
 
+        ssl_context = self._ssl_context()  # before binding: a bad certificate leaves no socket behind
         try:
             # We bind the socket ourselves so that a failure is reported plainly (and the socket
             # closed); hypercorn then serves it through its documented ``fd://`` bind.
@@ -212,7 +216,7 @@ class HttpServer:
             )
             logger.error("{}", message)
             raise HttpServerError(message) from None
-        config = hypercorn.config.Config()
+        config = _hypercorn_config(ssl_context)
         config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns (and closes) the socket from here
         config.accesslog = None  # scrapes every few seconds would flood the log
         # A Logger instance is used as is; hypercorn would otherwise install its own stderr handler.
@@ -231,6 +235,21 @@ class HttpServer:
         finally:
             self._url = None
             self._listening = trio.Event()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The server context for ``[http] tls_cert``/``tls_key`` (the host's TLS policy), or None."""
+        settings = self.settings
+        if not settings.tls:
+            return None
+        password = settings.tls_key_password.reveal() if settings.tls_key_password else None
+        try:
+            # hypercorn offers h2 and HTTP/1.1 over TLS (its own default ALPN list).
+            return server_context(settings.tls_cert, settings.tls_key, password=password,
+                                  alpn_protocols=["h2", "http/1.1"])
+        except TlsPolicyError as exc:
+            message = f"HTTP server cannot serve HTTPS ([http] tls_cert / tls_key): {exc}"
+            logger.error("{}", message)
+            raise HttpServerError(message) from None
 
     # -- the built-in endpoints --------------------------------------------------------------
 
@@ -288,6 +307,27 @@ class HttpServer:
                 "failed": sorted(r.name for r in records if r.state == "failed"),
             },
         }
+
+
+def _hypercorn_config(ssl_context: ssl.SSLContext | None) -> Any:
+    """A hypercorn ``Config`` that serves TLS with *our* context (``host.tls.server_context``).
+
+    hypercorn builds its own context from ``certfile``/``keyfile``/``ciphers``; overriding
+    ``create_ssl_context`` keeps a single TLS policy for the whole host (TLS 1.2+, our ciphers).
+    """
+    import hypercorn.config
+
+    class _Config(hypercorn.config.Config):
+        def create_ssl_context(self) -> ssl.SSLContext | None:
+            return ssl_context
+
+        @property
+        def ssl_enabled(self) -> bool:
+            return ssl_context is not None
+
+    config = _Config()
+    config.ciphers = TLS12_CIPHERS  # not used (see above); stated so the two can never disagree
+    return config
 
 
 async def _bind(host: str, port: int) -> socket.socket:

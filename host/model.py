@@ -59,6 +59,8 @@ class Sender(msgspec.Struct):
     ``platform_ids`` holds every id the platform gave (DingTalk: ``staffId``, ``senderId``,
     ``unionId``); ``identity`` is the single site-wide user id an identity resolver mapped them to
     (``None`` when unresolved). ``is_admin`` is the platform's own admin flag when it has one.
+    ``departments`` lists the sender's department ids or names when a connector or identity resolver
+    knows them (``[access]`` allow/deny lists and roles match on them).
     """
 
     platform_ids: dict[str, str]
@@ -66,6 +68,7 @@ class Sender(msgspec.Struct):
     identity: str | None = None
     is_admin: bool = False
     corp_id: str | None = None
+    departments: list[str] = msgspec.field(default_factory=list)
 
 
 class Media(msgspec.Struct):

@@ -61,9 +61,10 @@ def test_verify_reports_the_first_bad_record(small_log: Path, capsys: pytest.Cap
 
 def test_verify_json(small_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _tamper(small_log)
-    assert main(["audit", "verify", "--json", str(small_log)]) == 1
+    assert main(["audit", "verify", "--json", "--jobs", "2", str(small_log)]) == 1
     payload = json.loads(capsys.readouterr().out)
     assert payload["ok"] is False and payload["problem"]["kind"] == "hash_mismatch"
+    assert payload["jobs"] == 2
 
 
 def test_verify_usage_errors(small_log: Path, capsys: pytest.CaptureFixture[str]) -> None:

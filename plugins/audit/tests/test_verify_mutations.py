@@ -3,7 +3,9 @@
 Each test tampers with a fresh copy of the same pristine log (``log_copy``) and checks that
 ``verify_log`` reports the first bad record, at the right place, for the right reason. "Attacker"
 variants re-chain the records after their edit (SHA-256 needs no secret), so only what needs the
-signing key — the checkpoints — can give them away.
+signing key — the checkpoints — can give them away. Every test runs twice: sequentially, and with
+two worker processes scanning 64 KiB runs (the parallel mode of large logs), which must report
+exactly the same first problem.
 """
 
 from __future__ import annotations
@@ -16,11 +18,24 @@ import pytest
 from _logtools import all_records, lines_of, locate, rewrite, write_lines
 from host_audit.keys import SigningKey, load_signing_key
 from host_audit.segments import CHECKPOINTS_FILE, list_segments
-from host_audit.verify import verify_log
+from host_audit.verify import VerifyReport
+from host_audit.verify import verify_log as _verify_log
+
+_MODE: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["sequential", "parallel"])
+def _verify_mode(request: pytest.FixtureRequest) -> None:
+    _MODE.clear()
+    _MODE.update(jobs=request.param, chunk_bytes=64 * 1024)
+
+
+def verify_log(directory: Path, **kwargs: object) -> VerifyReport:
+    return _verify_log(directory, **_MODE, **kwargs)  # type: ignore[arg-type]
 
 
 def _problem(directory: Path, **kwargs: object):  # type: ignore[no-untyped-def]
-    report = verify_log(directory, **kwargs)  # type: ignore[arg-type]
+    report = verify_log(directory, **kwargs)
     assert not report.ok, report.summary()
     assert report.problem is not None
     return report.problem
@@ -37,6 +52,7 @@ def test_pristine_log_verifies_pinned_and_against_the_offhost_checkpoints(log_co
     key = load_signing_key(log_copy / "signing.key").public
     report = verify_log(log_copy, public_keys=[key], checkpoint_files=[offhost, log_copy / CHECKPOINTS_FILE])
     assert report.ok, report.summary()
+    assert report.jobs == _MODE["jobs"]
     entries = [r for r in all_records(log_copy) if r["type"] == "entry"]
     assert len(entries) == 10_000
     assert report.records == len(all_records(log_copy))

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from host import Event, Message, hookimpl
-from host.config import load_config
-from host.runtime import Host, build_host
-
 from host_dingtalk_connector import plugin as dingtalk_plugin
 from host_dingtalk_connector.connector import DingTalkConnector
 from host_dingtalk_connector.emulator import Emulator
+
+from host import Event, Message, hookimpl
+from host.config import load_config
+from host.runtime import Host, build_host
 
 #: Stream settings for tests: keepalive timers far away unless a test wants them.
 QUIET_STREAM: dict[str, Any] = {

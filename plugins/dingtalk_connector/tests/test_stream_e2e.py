@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 import trio
-from host.model import AudioPart, FilePart, ImagePart, RichTextPart, TextPart, VideoPart
-
-from host_dingtalk_connector.emulator import MALFORMED_KINDS, open_emulator
-
+from host_dingtalk_connector.emulator import CARD_CALLBACK_TOPIC, MALFORMED_KINDS, open_emulator
 from streamkit import Recorder, acks, app_table, dingtalk_config, inbound_problems, open_host
+
+from host.model import AudioPart, FilePart, ImagePart, RichTextPart, TextPart, VideoPart
 
 LIMIT = 30  # seconds, real clock: generous for a loaded 2-core machine
 
@@ -177,8 +176,9 @@ async def test_bad_frames_are_counted_and_the_next_message_is_processed(host_log
         async with open_emulator() as emu, open_host(dingtalk_config(emu, stream=stream), ("recorder", recorder)) as running:
             (connection,) = emu.connections(with_frames=False)
             expected: list[str] = []
+            malformed_ids: set[str] = set()
             for kind in MALFORMED_KINDS:
-                await emu.faults.malformed(kind=kind)
+                malformed_ids.update(f["messageId"] for f in await emu.faults.malformed(kind=kind))
                 ok = await emu.send_user_message(f"after {kind}")
                 assert (await emu.wait_for_ack(ok["messageId"]))["verdict"] == "ok", kind
                 expected.append(ok["msgId"])
@@ -206,6 +206,11 @@ async def test_bad_frames_are_counted_and_the_next_message_is_processed(host_log
             # frame's payload has no msgId, which is refused as a bad payload.
             assert running.metric("host_dingtalk_bad_frames_total", app="default", reason="bad_payload") == 1
             assert running.metric("host_dingtalk_messages_total", app="default", msgtype="text", outcome="accepted") == len(expected)
+        # The only inbound problems allowed: our error ACKs to frames the emulator does not list as
+        # sent (malformed-frame fault; see /work/briefs/requests-for-emulator.md #1).
+        error_acked = {json.loads(p["raw"])["headers"]["messageId"] for p in inbound_problems(emu)}
+        assert all(json.loads(p["raw"])["code"] in (400, 404) for p in inbound_problems(emu))
+        assert error_acked <= malformed_ids | {unknown["messageId"]}
     warnings = host_logs.messages("WARNING")
     assert any("bad frame (oversized)" in w and big["messageId"] in w for w in warnings)
     assert not host_logs.errors()
@@ -302,3 +307,25 @@ async def test_secrets_and_tickets_never_reach_the_logs(host_logs: Any) -> None:
     for ticket in tickets:
         assert ticket not in text
     assert session not in text
+
+
+@pytest.mark.anyio
+async def test_card_callback_becomes_an_event_and_is_acked_at_once() -> None:
+    recorder = Recorder(event_seconds=0.5)
+    payload = {
+        "type": "actionCallback",
+        "outTrackId": "card_6f1d",
+        "corpId": "ding5a1b2c3d4e5f6789",
+        "userId": "user0001",
+        "content": json.dumps({"cardPrivateData": {"actionIds": ["btn_accept"], "params": {"action": "accept"}}}),
+    }
+    with trio.fail_after(LIMIT):
+        async with open_emulator() as emu, open_host(dingtalk_config(emu), ("recorder", recorder)):
+            sent = await emu.send_callback(CARD_CALLBACK_TOPIC, payload)
+            ack = await emu.wait_for_ack(sent["messageId"])
+            # ACKed on acceptance (DingTalk allows 2 s), while on_event is still running.
+            assert ack["code"] == 200 and json.loads(ack["data"]) == {"response": None}
+            await wait_for(lambda: recorder.events)
+            (event,) = recorder.events
+            assert event.type == "card_callback" and event.id == sent["messageId"]
+            assert event.payload["content"]["cardPrivateData"]["params"] == {"action": "accept"}

@@ -1,7 +1,7 @@
 """Connection behaviour that depends on timers, under trio's virtual clock, over real sockets.
 
-Rules for this module: ``MockClock(autojump_threshold=0.2)``: when every task has been blocked for
-0.2 s of *real* time, the clock jumps to the next deadline. Loopback I/O completes far faster, so
+Rules for this module: ``MockClock(autojump_threshold=0.1)``: when every task has been blocked for
+0.1 s of *real* time, the clock jumps to the next deadline. Loopback I/O completes far faster, so
 timers (keepalive, watchdog, backoff, redelivery, 30 s plugins) fire in virtual time while socket
 exchanges stay real. Every test has an absolute ``trio.fail_after`` in virtual seconds, set far
 beyond the timers it exercises. Assertions are about what happened (reasons, counts, order of
@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-
 from host_dingtalk_connector.emulator import open_emulator
 from host_dingtalk_connector.stream import AppStream
 from streamkit import Recorder, dingtalk_config, open_host
@@ -25,14 +24,14 @@ LIMIT = 3600  # virtual seconds
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, Any]]:
-    return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0.2)})
+    return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0.1)})
 
 
 async def wait_for(predicate: Any) -> None:
     """Poll host-side state that settles within a few loopback round trips.
 
     Only for short waits: each poll is a 10 ms timer, and under autojump the virtual clock then only
-    advances by 10 ms per 0.2 s of real time. Waits on long timers use the emulator's ``wait_*``
+    advances by 10 ms per 0.1 s of real time. Waits on long timers use the emulator's ``wait_*``
     helpers (signalled, no polling) or a plain virtual ``trio.sleep``.
     """
     while not predicate():
@@ -228,7 +227,7 @@ async def test_backpressure_leaves_messages_unacked_until_redelivered() -> None:
 
 @pytest.mark.anyio
 async def test_event_busy_handlers_leave_events_for_redelivery() -> None:
-    recorder = Recorder(event_seconds=50.0)
+    recorder = Recorder(event_seconds=20.0)
     stream = {"max_inflight_events": 1}
     with trio.fail_after(LIMIT):
         async with open_emulator(event_redelivery_delay=3.0, event_max_redeliveries=30) as emu, open_host(

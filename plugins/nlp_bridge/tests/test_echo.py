@@ -152,3 +152,23 @@ async def test_on_shutdown_releases_the_bridge() -> None:
             host = th.host
             assert bridge_for(host) is not None
     assert bridge_for(host) is None
+
+
+@pytest.mark.anyio
+async def test_a_bug_in_a_backend_is_logged_and_fails_over(host_logs: Any) -> None:
+    config = {"nlp_bridge": {"backends": {"buggy": {"type": "echo"}}, "fallback": ["echo"]}}
+    with trio.fail_after(60):
+        async with open_test_host(PLUGIN, config=config) as th:
+            bridge = bridge_for(th.host)
+            assert bridge is not None
+
+            async def broken(request: Any) -> Any:
+                raise ZeroDivisionError("a bug")
+                yield ""  # pragma: no cover - makes this an async generator
+
+            bridge.backends["buggy"].backend.generate = broken  # type: ignore[method-assign]
+            result = await th.send("still answered?")
+            assert result.texts == ["[echo] still answered?"]
+    [error] = host_logs.errors()
+    assert "backend buggy raised unexpectedly" in error["message"]
+    assert isinstance(error["exception"], ZeroDivisionError)

@@ -196,3 +196,19 @@ async def test_global_concurrency_limit_holds_under_a_burst(host_logs: Any) -> N
             assert sample(th, "nlp_queue_wait_seconds_count") == 20
             assert sample(th, "nlp_in_flight") == 0
     assert not host_logs.errors()
+
+
+@pytest.mark.anyio
+async def test_a_flooding_conversation_gets_busy_replies_and_others_still_get_in(host_logs: Any) -> None:
+    config = slow_echo(delay=5, limits={"max_waiting_per_conversation": 2, "user_burst": 20})
+    with trio.fail_after(300):
+        async with open_test_host(PLUGIN, config=config) as th:
+            flood = burst(th, [f"spam {i}" for i in range(6)], conversation="noisy-group", users=False)
+            [calm] = burst(th, ["hello"], conversation="calm-room")
+            await th.host.wait_idle()
+            texts = [reply(th, m).text for m in flood]
+            assert texts[:3] == ["[echo] spam 0", "[echo] spam 1", "[echo] spam 2"]
+            assert texts[3:] == [TEXTS.busy] * 3
+            assert reply(th, calm).text == "[echo] hello"
+            assert sample(th, "nlp_rejected_total", reason="conversation_full") == 3
+    assert not host_logs.errors()

@@ -43,6 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint file(s) to check the log against (default: DIR/checkpoints.jsonl)")
     verify.add_argument("--clock-tolerance-ms", type=int, default=None, metavar="MS",
                         help="how far a timestamp may go back (default: [audit] clock_tolerance_ms, 5000)")
+    verify.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="worker processes (default: one per CPU, at most 4, for logs over 24 MiB)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     export = sub.add_parser("export-key", help="print (or write) the public key that verifies checkpoints")
     export.add_argument("--out", metavar="FILE", help="write the PEM here instead of stdout")
@@ -97,8 +99,11 @@ def _verify(args: argparse.Namespace, section: AuditSection, settings: LogSettin
             print(f"error: checkpoint file {path} does not exist", file=sys.stderr)
             return 2
     tolerance = args.clock_tolerance_ms if args.clock_tolerance_ms is not None else section.clock_tolerance_ms
+    if args.jobs is not None and args.jobs < 1:
+        print("error: --jobs must be at least 1", file=sys.stderr)
+        return 2
     report = verify_log(directory, public_keys=keys or None, checkpoint_files=checkpoint_files,
-                        clock_tolerance_ms=tolerance)
+                        clock_tolerance_ms=tolerance, jobs=args.jobs)
     if args.json:
         payload = {
             "ok": report.ok,
@@ -119,6 +124,7 @@ def _verify(args: argparse.Namespace, section: AuditSection, settings: LogSettin
             "findings": report.findings,
             "warnings": report.warnings,
             "seconds": report.elapsed,
+            "jobs": report.jobs,
         }
         print(msgspec.json.encode(payload).decode())
     else:

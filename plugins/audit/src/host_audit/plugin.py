@@ -8,7 +8,7 @@ opened first thing at startup (``tryfirst``) so other plugins can audit from the
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,11 +112,13 @@ def _describe(details: dict[str, Any]) -> str:
 
 
 @hookimpl
-async def on_audit(host: Host, entry: AuditEntry) -> None:
+def on_audit(host: Host, entry: AuditEntry) -> Awaitable[None] | None:
+    # Synchronous on purpose: the append itself takes microseconds; only an fsync (strict mode, or
+    # after a checkpoint) comes back as an awaitable, which the host awaits under the hook timeout.
     state = _states.get(host)
     if state is None:
         raise LogClosedError("the audit log is not open (did its startup fail? see the error logged then)")
-    await state.service.append(entry)
+    return state.service.append_nowait(entry)
 
 
 @hookimpl(trylast=True)

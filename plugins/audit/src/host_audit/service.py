@@ -2,8 +2,9 @@
 
 * ``open``/``close`` run the blocking work (scanning, fsync) in a worker thread
   (``trio.to_thread.run_sync``);
-* ``append`` writes on the event loop (one ``write()``, microseconds) and, when a checkpoint or a new
-  segment was written, or in ``fsync = "strict"`` mode, awaits the fsync in a worker thread;
+* ``append``/``append_nowait`` write on the event loop (one ``write()``, microseconds); when a
+  checkpoint or a new segment was written, or in ``fsync = "strict"`` mode, the fsync runs in a
+  worker thread (``append`` awaits it, ``append_nowait`` returns it to be awaited);
 * a ticker thread owned by the service writes ``time`` checkpoints while the log is idle (so the
   tail gets anchored within ``checkpoint_every_seconds`` even if nothing else is appended) and runs
   retention every ``retention_check_seconds``. It is started by ``open`` and joined by ``close``.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -48,15 +49,26 @@ class AuditService:
         self._ticker.start()
         return log
 
-    async def append(self, entry: AuditEntry) -> int:
-        """Append ``entry``; returns its sequence number. Raises ``AuditError`` subclasses."""
+    def append_nowait(self, entry: AuditEntry) -> Awaitable[None] | None:
+        """Append ``entry`` now; returns the fsync still to await (in a worker thread), if any.
+
+        The fsync is due in ``strict`` mode, and after a checkpoint or a new segment otherwise.
+        Returning it instead of being a coroutine lets the common case (nothing to await) skip
+        the cost of a coroutine and a cancel scope in the host's dispatcher. Raises ``AuditError``.
+        """
         log = self.log
         if log is None or log.closed:
             raise LogClosedError("the audit log is not open (did its startup fail? see the error logged then)")
-        seq = log.append(entry)
+        log.append(entry)
         if self.settings.fsync == "strict" or log.sync_wanted:
-            await trio.to_thread.run_sync(log.sync)
-        return seq
+            return trio.to_thread.run_sync(log.sync)
+        return None
+
+    async def append(self, entry: AuditEntry) -> None:
+        """Append ``entry`` and wait for any fsync it needs. Raises ``AuditError`` subclasses."""
+        pending = self.append_nowait(entry)
+        if pending is not None:
+            await pending
 
     async def close(self) -> None:
         """Stop the ticker, write the final checkpoint, fsync and close. Idempotent."""

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+import multiprocessing
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -33,7 +36,6 @@ import msgspec
 from host_audit.keys import PublicKey, checkpoint_message, endorsement_message
 from host_audit.records import (
     FORMAT_VERSION,
-    HASH_SUFFIX_LEN,
     ZERO_HASH,
     CheckpointNote,
     CheckpointRecord,
@@ -42,25 +44,27 @@ from host_audit.records import (
     RecordHead,
     SegmentRecord,
 )
-from host_audit.segments import CHECKPOINTS_FILE, list_segments
+from host_audit.scan import (
+    Scan,
+    default_jobs,
+    iso_ms,
+    plan_ranges,
+    read_range,
+    scan_lines,
+    scan_range,
+    stored_hash_before,
+)
+from host_audit.segments import CHECKPOINTS_FILE, list_segments, read_first_line, read_tail
 
 __all__ = ["DEFAULT_CLOCK_TOLERANCE_MS", "Problem", "VerifyReport", "verify_log"]
 
 #: Timestamps may go back this much (ms) behind the newest earlier record (NTP steps, VM pauses).
 DEFAULT_CLOCK_TOLERANCE_MS = 5000
+#: Logs at least this big are verified by worker processes (``jobs=None``), in runs of this size.
+PARALLEL_MIN_BYTES = 24 << 20
+CHUNK_BYTES = 8 << 20
 
 
-
-class _Line(msgspec.Struct, gc=False):
-    """What the hot loop decodes from every line (gc=False: these never form cycles)."""
-
-    seq: int
-    ts: int
-    type: str
-    h: str
-
-
-_line_decoder = msgspec.json.Decoder(_Line)
 _head_decoder = msgspec.json.Decoder(RecordHead)
 _segment_decoder = msgspec.json.Decoder(SegmentRecord)
 _checkpoint_decoder = msgspec.json.Decoder(CheckpointRecord)
@@ -115,6 +119,8 @@ class VerifyReport:
     clean_end: bool = False
     warnings: list[str] = field(default_factory=list)
     clock_tolerance_ms: int = DEFAULT_CLOCK_TOLERANCE_MS
+    #: Processes that scanned the records.
+    jobs: int = 1
     elapsed: float = 0.0
 
     @property
@@ -167,8 +173,40 @@ class VerifyReport:
         for finding in self.findings:
             lines.append(f"  finding:      {finding}")
         lines.extend(f"  warning:      {w}" for w in self.warnings)
-        lines.append(f"  verified in {self.elapsed:.3f} s ({rate:,.0f} records/s)")
+        lines.append(f"  verified in {self.elapsed:.3f} s ({rate:,.0f} records/s, {self.jobs} process(es))")
         return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class _SegmentPlan:
+    """What is known about a segment file before its records are checked."""
+
+    path: Path
+    size: int
+    #: Offset just after the last complete line (``size`` unless the file ends in a torn line).
+    end: int
+    fragment_sha256: str | None
+    #: The first line, when complete.
+    header: bytes | None
+    #: The header's ``prev_hash`` (where a scan of the file starts from); zeros if unreadable.
+    header_prev: bytes
+    _ranges: list[tuple[int, int]] | None = None
+
+    @classmethod
+    def of(cls, path: Path) -> _SegmentPlan:
+        tail = read_tail(path)
+        fragment = hashlib.sha256(tail.fragment).hexdigest() if tail.fragment else None
+        header = read_first_line(path) if tail.fragment_offset > 0 else None
+        header_prev = ZERO_HASH
+        if header is not None:
+            with contextlib.suppress(msgspec.DecodeError, ValueError):  # reported when checked
+                header_prev = bytes.fromhex(_segment_decoder.decode(header).prev_hash)
+        return cls(path, tail.size, tail.fragment_offset, fragment, header, header_prev)
+
+    def ranges(self, chunk_bytes: int) -> list[tuple[int, int]]:
+        if self._ranges is None:
+            self._ranges = plan_ranges(self.path, self.end, chunk_bytes)
+        return self._ranges
 
 
 class _Bad(Exception):
@@ -176,8 +214,7 @@ class _Bad(Exception):
         self.problem = problem
 
 
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+_iso = iso_ms
 
 
 def verify_log(
@@ -186,6 +223,8 @@ def verify_log(
     public_keys: list[PublicKey] | None = None,
     checkpoint_files: list[Path] | None = None,
     clock_tolerance_ms: int = DEFAULT_CLOCK_TOLERANCE_MS,
+    jobs: int | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> VerifyReport:
     """Verify the audit log in ``directory``.
 
@@ -194,8 +233,12 @@ def verify_log(
     :param checkpoint_files: checkpoint files to check the log against (e.g. the off-host copy);
         ``None`` means ``<directory>/checkpoints.jsonl`` if it exists.
     :param clock_tolerance_ms: how far a timestamp may go back behind the newest earlier one.
+    :param jobs: worker processes scanning runs of ``chunk_bytes`` in parallel (the checks that need
+        the order, and the report, stay in this process); ``None``: as many as CPUs (at most 4) for
+        logs of ``PARALLEL_MIN_BYTES`` or more, else 1.
     """
     verifier = _Verifier(Path(directory), public_keys, checkpoint_files, clock_tolerance_ms)
+    verifier.jobs, verifier.chunk_bytes = jobs, chunk_bytes
     started = time.perf_counter()
     try:
         verifier.run()
@@ -246,6 +289,8 @@ class _Verifier:
         self.last_checkpoint_size: int | None = None
         self.last_type = ""
         self.last_reason = ""
+        self.jobs: int | None = None
+        self.chunk_bytes = CHUNK_BYTES
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -257,10 +302,15 @@ class _Verifier:
         segments = list_segments(self.directory)
         if not segments:
             raise _Bad(Problem(str(self.directory), None, "empty", "no segment files (segment-*.jsonl)"))
-        prev_name: str | None = None
-        for path in segments:
-            self._segment(path, prev_name)
-            prev_name = path.name
+        plans = [_SegmentPlan.of(path) for path in segments]
+        jobs = self.jobs
+        if jobs is None:
+            jobs = default_jobs() if sum(p.end for p in plans) >= PARALLEL_MIN_BYTES else 1
+        self.report.jobs = jobs
+        if jobs > 1:
+            self._walk_parallel(plans, jobs)
+        else:
+            self._walk(plans, {})
         if self.seq is None:
             raise _Bad(Problem(str(self.directory), None, "empty", "no complete record in any segment"))
         if self.seq in self.wanted:
@@ -285,24 +335,70 @@ class _Verifier:
 
     # -- segments ----------------------------------------------------------------------------------
 
-    def _segment(self, path: Path, prev_name: str | None) -> None:
-        name = path.name
-        data = path.read_bytes()
-        if not data:
-            raise _Bad(Problem(name, None, "empty_segment", "empty segment file (crash while creating it, or emptied)"))
-        lines = data.split(b"\n")
-        fragment = lines.pop()
-        if fragment:
-            offset = len(data) - len(fragment)
-            key = (name, offset, len(fragment), hashlib.sha256(fragment).hexdigest())
-            self.torn[key] = f"{name} ends with a torn line at byte {offset} ({len(fragment)} bytes)"
-        if not lines:
-            return  # only a torn header: acknowledged (or not) by a later finding
-        self.report.segments += 1
-        self._header(name, prev_name, lines[0])
-        if self.report.first_ts is None:
-            self.report.first_ts = _head_decoder.decode(lines[0]).ts
-        self._records(name, lines)
+    def _walk_parallel(self, plans: list[_SegmentPlan], jobs: int) -> None:
+        # fork: the workers need nothing but this module, already imported.
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"))
+        wanted = frozenset(self.wanted)
+        futures: dict[tuple[str, int], Future[Scan]] = {}
+        try:
+            for plan in plans:
+                for start, stop in plan.ranges(self.chunk_bytes):
+                    prev = plan.header_prev if start == 0 else stored_hash_before(plan.path, start)
+                    futures[(plan.path.name, start)] = pool.submit(
+                        scan_range, plan.path, start, stop, prev, self.tolerance, wanted
+                    )
+            self._walk(plans, futures)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _walk(self, plans: list[_SegmentPlan], futures: dict[tuple[str, int], Future[Scan]]) -> None:
+        """Check the segments in order; runs scanned ahead in ``futures`` are used when they fit."""
+        prev_name: str | None = None
+        for plan in plans:
+            name = plan.path.name
+            if plan.size == 0:
+                raise _Bad(Problem(name, None, "empty_segment", "empty segment file (crash while creating it, or emptied)"))
+            if plan.fragment_sha256 is not None:
+                key = (name, plan.end, plan.size - plan.end, plan.fragment_sha256)
+                self.torn[key] = f"{name} ends with a torn line at byte {plan.end} ({plan.size - plan.end} bytes)"
+            if plan.header is not None:
+                self.report.segments += 1
+                self._header(name, prev_name, plan.header)
+                if self.report.first_ts is None:
+                    self.report.first_ts = _head_decoder.decode(plan.header).ts
+                base = 0
+                ranges = plan.ranges(self.chunk_bytes) if futures else [(0, plan.end)]
+                for start, stop in ranges:
+                    future = futures.get((name, start))
+                    base += self._apply(name, base, self._scan(plan.path, start, stop, future))
+            prev_name = name
+
+    def _scan(self, path: Path, start: int, stop: int, future: Future[Scan] | None) -> Scan:
+        assert self.seq is not None
+        if future is not None:
+            scan = future.result()
+            if scan.continues(self.prev, self.seq, self.max_ts, self.tolerance):
+                return scan
+        # Sequential mode, or the run did not fit (a problem in it or at its start): scan it again
+        # from the exact state, which also pinpoints the first bad line.
+        return scan_lines(read_range(path, start, stop), self.prev, self.seq, self.max_ts, self.tolerance, self.wanted)
+
+    def _apply(self, name: str, base: int, scan: Scan) -> int:
+        """Take a scanned run: check its special records in order, then its first problem if any."""
+        for index, seq, kind, line, prev in scan.specials:
+            self.prev = prev
+            self._special(name, base + index, kind, line, seq)
+        if scan.error is not None:
+            bad_index, bad_seq, bad_kind, reason = scan.error
+            raise _Bad(Problem(f"{name} line {base + bad_index + 1}", bad_seq, bad_kind, reason))
+        self.heads.update(scan.heads)
+        if scan.count:
+            assert scan.end_seq is not None
+            self.report.records += scan.count
+            self.prev, self.seq, self.last_type = scan.end_prev, scan.end_seq, scan.last_type
+            self.max_ts = max(self.max_ts, scan.max_ts)
+            self.report.last_ts = self.max_ts
+        return scan.total
 
     def _header(self, name: str, prev_name: str | None, line: bytes) -> None:
         where = f"{name} line 1"
@@ -371,56 +467,6 @@ class _Verifier:
             self.report.warnings.append(
                 f"key {key.key_id} introduced at seq {header.seq} without an endorsement by the previous key"
             )
-
-    def _records(self, name: str, lines: list[bytes]) -> None:
-        # The hot loop: keep it lean (this is what makes verification fast).
-        sha256 = hashlib.sha256
-        decode = _line_decoder.decode
-        suffix = HASH_SUFFIX_LEN
-        wanted = self.wanted
-        tolerance = self.tolerance
-        prev = self.prev
-        assert self.seq is not None
-        seq = start = self.seq
-        max_ts = self.max_ts
-        kind = self.last_type
-        for index, line in enumerate(lines):
-            # A valid JSON object with an "h" member whose value is the hash of everything before
-            # the last 72 bytes: any edit of the line breaks one of the three.
-            try:
-                head = decode(line)
-            except _UNDECODABLE as exc:
-                self._fail_line(name, index, seq, "malformed",
-                                f"not a valid record ({exc}): edited, or a line was split or joined")
-            if head.seq != seq:
-                self._fail_seq(name, index, seq, head.seq)
-            if seq in wanted:
-                self.heads[seq] = prev.hex()
-            digest = sha256(b"\x00" + prev + line[:-suffix]).digest()
-            if head.h != digest.hex():
-                self._fail_line(name, index, seq, "hash_mismatch",
-                                "its hash does not match its contents: this record was modified")
-            ts = head.ts
-            if ts > max_ts:
-                max_ts = ts
-            elif ts < max_ts - tolerance:
-                self._fail_line(
-                    name, index, seq, "time_reversed",
-                    f"timestamp {_iso(ts)} is {max_ts - ts} ms before an earlier record's "
-                    f"(tolerance {tolerance} ms): records reordered or timestamps altered",
-                )
-            kind = head.type
-            if kind != "entry":
-                self.prev = prev
-                self._special(name, index, kind, line, head.seq)
-            elif index == 0:
-                self._fail_line(name, index, seq, "bad_header", "the first line is not a segment header")
-            prev = digest
-            seq += 1
-        self.last_type = kind
-        self.prev, self.seq, self.max_ts = prev, seq, max_ts
-        self.report.records += seq - start
-        self.report.last_ts = max_ts
 
     def _special(self, name: str, index: int, kind: str, line: bytes, seq: int) -> None:
         try:
@@ -576,11 +622,3 @@ class _Verifier:
 
     def _fail_line(self, name: str, index: int, seq: int | None, kind: str, reason: str) -> NoReturn:
         raise _Bad(Problem(f"{name} line {index + 1}", seq, kind, reason))
-
-    def _fail_seq(self, name: str, index: int, expected: int, found: int) -> NoReturn:
-        if found > expected:
-            reason = (f"expected seq {expected} but found {found}: record(s) {expected}..{found - 1} are missing "
-                      "(deleted)")
-        else:
-            reason = f"expected seq {expected} but found {found} again: a record was inserted or records reordered"
-        self._fail_line(name, index, expected, "sequence", reason)

@@ -25,8 +25,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import trio
-
 from host.logs import logger
 from host_dingtalk_connector import frames
 from host_dingtalk_connector.convert import (
@@ -111,8 +109,6 @@ class FrameRouter:
         self.on_accepted = on_accepted
         self.events_in_flight = 0
         self._events_running: set[str] = set()
-        self._idle = trio.Event()
-        self._idle.set()
         self._deferred_warning = _RateLimitedWarning()
         self._log = logger.bind(app=app.name)
         name = app.name
@@ -124,6 +120,15 @@ class FrameRouter:
         self._event_hits = metrics.dedup_hits.labels(name, "event")
         self._redeliveries = metrics.redeliveries.labels(name)
         self._pings = metrics.pings.labels(name)
+        self._message_counters: dict[tuple[str, str], Any] = {}
+
+    def _count_message(self, msgtype: str, outcome: str) -> None:
+        child = self._message_counters.get((msgtype, outcome))
+        if child is None:
+            child = self._message_counters[(msgtype, outcome)] = self.metrics.messages.labels(
+                self.app.name, msgtype, outcome
+            )
+        child.inc()
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -190,14 +195,14 @@ class FrameRouter:
         name = self.app.name
         if self.dedup.seen("frame", message_id):
             self._frame_hits.inc()
-            self.metrics.messages.labels(name, "other", "duplicate").inc()
+            self._count_message("other", "duplicate")
             await self._ack(link, "bot", frames.ack_callback(message_id), received)
             return
         data = frame.payload()
         msgtype = msgtype_label(data.get("msgtype"))
         robot_code = data.get("robotCode")
         if robot_code is not None and robot_code != self.app.robot_code:
-            self.metrics.messages.labels(name, msgtype, "refused").inc()
+            self._count_message(msgtype, "refused")
             self._log.warning(
                 "{}: refused bot message {} for robotCode {!r}; this app's robot is {!r}",
                 link.label, message_id, robot_code, self.app.robot_code,
@@ -210,7 +215,7 @@ class FrameRouter:
         if isinstance(msg_id, str) and self.dedup.seen("msg", msg_id):
             self._msg_hits.inc()
             self._redeliveries.inc()
-            self.metrics.messages.labels(name, msgtype, "duplicate").inc()
+            self._count_message(msgtype, "duplicate")
             self._log.info("{}: redelivery of {} (frame {}) acknowledged, not processed again", link.label, msg_id, message_id)
             self.dedup.add("frame", message_id)
             await self._ack(link, "bot", frames.ack_callback(message_id), received)
@@ -225,7 +230,7 @@ class FrameRouter:
             )  # fmt: skip
         if not self.intake.offer(message):
             # Backpressure: no ACK, nothing remembered; DingTalk delivers it again later.
-            self.metrics.messages.labels(name, msgtype, "deferred").inc()
+            self._count_message(msgtype, "deferred")
             self._deferred_warning(
                 "{}: host is not accepting messages (queue full or stopping); left {} un-acknowledged for redelivery",
                 link.label, message_id,
@@ -233,7 +238,7 @@ class FrameRouter:
             return
         self.dedup.add("frame", message_id)
         self.dedup.add("msg", message.id)
-        self.metrics.messages.labels(name, msgtype, "accepted").inc()
+        self._count_message(msgtype, "accepted")
         if self.on_accepted is not None:
             self.on_accepted(message)
         await self._ack(link, "bot", frames.ack_callback(message_id), received)
@@ -271,7 +276,6 @@ class FrameRouter:
             return
         self.events_in_flight += 1
         self._events_running.add(event_key)
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
         if card:
             # Card callbacks must be answered within 2 s: ACK on acceptance, handle after.
             self.dedup.add("frame", message_id)
@@ -293,8 +297,6 @@ class FrameRouter:
         finally:
             self.events_in_flight -= 1
             self._events_running.discard(event_key)
-            if self.events_in_flight == 0:
-                self._idle.set()
         self.metrics.events.labels(self.app.name, "success" if ok else "later").inc()
         if ok:
             self.dedup.add("event", event_key)
@@ -306,8 +308,3 @@ class FrameRouter:
         if not ok:
             self._log.warning("{}: event {} ({}) not consumed; ACK LATER for redelivery", link.label, event_key, event.type)
         await self._ack(link, "event", frames.ack_event(message_id, success=ok), received)
-
-    async def wait_events_idle(self) -> None:
-        """Return when no event handler of this app is running."""
-        while self.events_in_flight:
-            await self._idle.wait()

@@ -27,17 +27,22 @@ A "dead" connection is retired first (so the replacement starts immediately) and
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import math
 import ssl
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from host.logs import logger
 from host_dingtalk_connector.backoff import Backoff

@@ -5,8 +5,9 @@ There is no queue object and no worker pool of our own: the host's workers alrea
 when it may proceed. A message goes through three gates::
 
     admit()          synchronous: refused at once (-> "busy" reply) when ``queue_size`` messages
-                     are already waiting beyond those a free call slot will take; otherwise it
-                     joins its conversation's lane
+                     are already waiting beyond those a free call slot will take, or when its
+                     conversation already has ``max_waiting_per_conversation`` waiting; otherwise
+                     it joins its conversation's lane
     wait_turn()      its conversation's lane: one message answered at a time, in order
     acquire_slot()   the global limiter: at most ``max_concurrency`` backend calls at once (FIFO)
 
@@ -34,9 +35,10 @@ from typing import Any, Literal
 
 import trio
 
-__all__ = ["Admission", "Ticket", "TurnResult"]
+__all__ = ["Admission", "Refusal", "Ticket", "TurnResult"]
 
 TurnResult = Literal["go", "merged", "timeout"]
+Refusal = Literal["queue_full", "conversation_full"]
 
 
 class _Lane:
@@ -172,8 +174,10 @@ class Admission:
         merge: bool,
         clock: Callable[[], float],
         on_dequeue: Callable[[float], None] | None = None,
+        max_waiting_per_conversation: int = 10,
     ) -> None:
         self.queue_size = queue_size
+        self.max_waiting_per_conversation = max_waiting_per_conversation
         self.merge = merge
         self.clock = clock
         self.limiter = trio.CapacityLimiter(max_concurrency)
@@ -182,14 +186,20 @@ class Admission:
         self._lanes: dict[str, _Lane] = {}
         self._arrivals = itertools.count()
 
-    def admit(self, lane_key: str, created_at_ms: int, payload: Any = None) -> Ticket | None:
-        """Admit a message into its conversation's lane, or ``None`` when the queue is full.
+    def admit(self, lane_key: str, created_at_ms: int, payload: Any = None) -> Ticket | Refusal:
+        """Admit a message into its conversation's lane, or say why not.
 
-        Messages that can start at once (a call slot is free for them) do not count as queued.
+        ``queue_full``: ``queue_size`` messages already wait (messages that can start at once, a call
+        slot being free for them, do not count). ``conversation_full``: its conversation already has
+        ``max_waiting_per_conversation`` messages waiting (each one holds a host worker while it
+        waits; one flooding group must not take them all).
         """
         if self.waiting >= self.queue_size + self.limiter.available_tokens:
-            return None
+            return "queue_full"
         lane = self._lanes.get(lane_key)
+        # With nobody being answered, the first in the lane is about to start: it is not waiting.
+        if lane is not None and len(lane.waiting) - (lane.active is None) >= self.max_waiting_per_conversation:
+            return "conversation_full"
         if lane is None:
             lane = self._lanes[lane_key] = _Lane()
         ticket = Ticket(self, lane_key, lane, (created_at_ms, next(self._arrivals)), payload)

@@ -33,6 +33,7 @@ import trio
 
 from host import Message, Reply
 from host.logs import logger
+from host.metrics import Metrics
 from host.model import ReplyResult
 from host_nlp_bridge.admission import Admission, Ticket
 from host_nlp_bridge.backends import Backend, create_backend
@@ -134,7 +135,8 @@ class Bridge:
         section = settings.section
         self.section = section
         self.messages = section.messages
-        self.metrics = metrics
+        # Without the host's registry (embedding, benchmarks) the metrics go to a private one.
+        self.metrics = metrics or BridgeMetrics(Metrics())
         self.limits = limits or HostLimits()
         self._clock = clock
         self._rng = rng or random.Random()
@@ -174,18 +176,18 @@ class Bridge:
             merge=limits_config.while_busy == "merge",
             clock=clock,
             on_dequeue=self._dequeued,
+            max_waiting_per_conversation=limits_config.max_waiting_per_conversation,
         )
         self.rate_limiter = UserRateLimiter(
             per_minute=limits_config.user_rate_per_minute, burst=limits_config.user_burst, clock=clock
         )
         self.cache = ResultCache(max_entries=section.cache.max_entries, max_chars=section.cache.max_chars, clock=clock)
         self.flights = Coalescer()
-        if metrics is not None:
-            metrics.queue_depth.set_function(lambda: self.admission.waiting)
-            metrics.in_flight.set_function(lambda: self.admission.in_flight)
-            metrics.memory_conversations.set_function(lambda: len(self.memory))
-            for name in self.backends:
-                metrics.breaker_changed(name, "closed")
+        self.metrics.queue_depth.set_function(lambda: self.admission.waiting)
+        self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
+        self.metrics.memory_conversations.set_function(lambda: len(self.memory))
+        for name in self.backends:
+            self.metrics.breaker_changed(name, "closed")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -231,16 +233,18 @@ class Bridge:
             return self._reply(message, self.messages.reset)
         route = self.router.route(message.conversation.id, text)
         if not route.text:
-            return self._reply(message, f"Please write your message after {route.command}.")
+            return self._reply(message, self.messages.command_usage.format(command=route.command))
 
         wait = self.rate_limiter.acquire(self._user_key(message))
         if wait > 0:
             self._reject("rate_limited")
             return self._reply(message, self.messages.rate_limited.format(seconds=math.ceil(wait)))
         ticket = self.admission.admit(conversation, message.created_at_ms, message)
-        if ticket is None:
-            self._reject("queue_full")
-            logger.warning("nlp_bridge: queue full ({} waiting); answered busy", self.admission.waiting)
+        if isinstance(ticket, str):
+            self._reject(ticket)
+            logger.warning(
+                "nlp_bridge: {} ({} waiting in all); answered busy", ticket.replace("_", " "), self.admission.waiting
+            )
             return self._reply(message, self.messages.busy)
 
         primary = self.backends[route.chain[0]]
@@ -272,17 +276,17 @@ class Bridge:
                 cached = self.cache.get(turn.key)
                 if cached is not None:
                     ticket.leave_queue()
-                    self._inc(self.metrics.cache_hits if self.metrics else None)
+                    self.metrics.cache_hits.inc()
                     self._remember(turn, cached)
                     self._count("cached")
                     return self._reply(message, cached)
-                self._inc(self.metrics.cache_misses if self.metrics else None)
+                self.metrics.cache_misses.inc()
 
             coalesce = self.section.cache.coalesce
             flight = self.flights.join(turn.key) if coalesce else None
             if flight is not None:
                 ticket.leave_queue()
-                self._inc(self.metrics.coalesced if self.metrics else None)
+                self.metrics.coalesced.inc()
                 chunks = self._follow(turn, flight)
             else:
                 leading = self.flights.lead(turn.key) if coalesce else None
@@ -447,8 +451,7 @@ class Bridge:
                                 continue
                             if first_text:
                                 first_text = False
-                                if self.metrics is not None:
-                                    self.metrics.first_token(name, self._clock() - started)
+                                self.metrics.first_token(name, now - started)
                             got_text = True
                             turn.parts.append(item)
                             yield item
@@ -489,8 +492,7 @@ class Bridge:
                     last_error = error
                     break
                 logger.info("nlp_bridge: backend {} attempt {} failed ({}); retrying in {:.2f}s", name, attempt, error.detail, delay)
-                if self.metrics is not None:
-                    self.metrics.retry(name, error.kind)
+                self.metrics.retry(name, error.kind)
                 await trio.sleep(delay)
                 if not runtime.breaker.allow():
                     self._call_done(name, "rejected", started)
@@ -536,26 +538,16 @@ class Bridge:
         return self._reply(message, self.messages.busy)
 
     def _reject(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.reject(reason)
-        self._count("busy" if reason.startswith("queue") else reason)
+        self.metrics.reject(reason)
+        self._count("rate_limited" if reason == "rate_limited" else "busy")
 
     def _count(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.answer(outcome)
-
-    @staticmethod
-    def _inc(counter: object) -> None:
-        if counter is not None:
-            counter.inc()  # type: ignore[attr-defined]
+        self.metrics.answer(outcome)
 
     def _call_done(self, backend: str, outcome: str, started: float | None = None) -> None:
-        if self.metrics is not None:
-            self.metrics.call(backend, outcome, None if started is None else self._clock() - started)
+        self.metrics.call(backend, outcome, None if started is None else self._clock() - started)
 
     def _count_tokens(self, backend: str, turn: _Turn, usage: Usage | None) -> None:
-        if self.metrics is None:
-            return
         if usage is None:
             usage = Usage(
                 sum(estimate_tokens(m.content) for m in turn.request.messages), estimate_tokens("".join(turn.parts))
@@ -563,8 +555,7 @@ class Bridge:
         self.metrics.used_tokens(backend, usage.prompt_tokens, usage.completion_tokens)
 
     def _dequeued(self, waited: float) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_wait.observe(waited)
+        self.metrics.queue_wait.observe(waited)
 
     def _breaker_changed(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
         if new == "open":
@@ -576,5 +567,4 @@ class Bridge:
             )
         else:
             logger.info("nlp_bridge: circuit of backend {} is now {} (was {})", breaker.name, new, old)
-        if self.metrics is not None:
-            self.metrics.breaker_changed(breaker.name, new)
+        self.metrics.breaker_changed(breaker.name, new)

@@ -58,8 +58,10 @@ class Flight:
             await changed.wait()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        # Only followers ever wait on the event: without them, skip the per-chunk Event churn.
+        if self.followers:
+            self._changed.set()
+            self._changed = trio.Event()
 
 
 class Coalescer:

@@ -218,6 +218,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue_size: int = 100
     #: Seconds a message may wait for its turn before it gets the ``busy`` reply.
     queue_timeout: float = 60.0
+    #: Most messages of one conversation waiting at once; beyond it the ``busy`` reply (each waiting
+    #: message holds a host worker: one flooding group must not take them all).
+    max_waiting_per_conversation: int = 10
     #: A message arriving while its conversation is being answered: ``queue`` (answered next, in
     #: order) or ``merge`` (all messages waiting when the turn comes are answered as one).
     while_busy: Literal["queue", "merge"] = "queue"
@@ -227,7 +230,7 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user_burst: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrency", "queue_size", "user_burst"):
+        for name in ("max_concurrency", "queue_size", "user_burst", "max_waiting_per_conversation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limits.{name}: must be at least 1")
         _positive("limits.queue_timeout", self.queue_timeout)
@@ -259,6 +262,8 @@ class MessagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     unavailable: str = "Sorry, the language service is temporarily unavailable. Please try again in a few minutes."
     incomplete: str = "\n\n(This answer is incomplete: the connection to the language service broke.)"
     reset: str = "Done: I've forgotten our conversation. Let's start over."
+    #: Reply to a routed command without text (``{command}`` is replaced).
+    command_usage: str = "Please write your message after {command}."
     #: Reply to a message without text (a picture, a file...); empty means stay silent.
     non_text: str = "I can only read text messages for now."
 

@@ -189,8 +189,10 @@ class GatewayFront:
                     nursery.start_soon(self._pump, link, downstream, upstream, True)
                     nursery.start_soon(self._pump, link, upstream, downstream, False)
         finally:
-            await trio.aclose_forcefully(downstream)
-            await trio.aclose_forcefully(upstream)
+            # Synchronous closes: an awaited close could be cut short by a surrounding
+            # cancellation and leave the other socket open.
+            downstream.socket.close()
+            upstream.socket.close()
             link.done.set()
             # Keep the mapping a moment so the app's disconnect handler can still read the
             # scanner; it is dropped when the next connection reuses the port.

@@ -153,6 +153,8 @@ async def close_stream(response: httpx.Response, reader: AsyncIterator[object] |
     ``reader`` (the outermost iterator) once more: the read fails on the closed stream and the
     failure unwinds, and so finishes, every generator of the chain.
     """
+    if reader is None and response.is_closed:
+        return  # read to the end: httpx already closed it and the connection is back in the pool
     with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
         await response.aclose()
         if reader is not None:

@@ -183,8 +183,8 @@ class OpenAIBackend:
             # A finish_reason without [DONE] is a complete answer; neither means it was cut off.
             if not (done or finish_seen):
                 raise BackendUnavailable(self.name, "the stream ended before [DONE]: the answer was cut off")
-            if done:
-                await _read_to_end(events)
+            if done and await _read_to_end(events):
+                events = None  # exhausted: nothing left for close_stream to unwind
         finally:
             await close_stream(response, events)
 
@@ -213,15 +213,18 @@ class OpenAIBackend:
         return items
 
 
-async def _read_to_end(events: AsyncIterator[ServerSentEvent]) -> None:
+async def _read_to_end(events: AsyncIterator[ServerSentEvent]) -> bool:
     """Consume what follows [DONE], so that the connection goes back to the pool for reuse.
 
     Closing a response that was not read to the end closes its connection, and the next call pays
-    for a new one. Anything going wrong here is ignored: the answer is already complete.
+    for a new one. Anything going wrong here is ignored: the answer is already complete. ``True``
+    when the body was read to its end.
     """
     with trio.move_on_after(_DRAIN_TIMEOUT):
         try:
             async for _ in events:
                 pass
         except Exception:
-            pass  # the answer is complete; a late transport error only costs the connection
+            return False  # the answer is complete; a late transport error only costs the connection
+        return True
+    return False
