@@ -12,8 +12,9 @@ installed (plus hypercorn and starlette for the local server).
    process spends per call (``time.thread_time``) is printed too: it is what the bridge really costs.
 2. **Throughput with 100 concurrent conversations.** A whole host (loopback connector, workers,
    dispatcher) with the bridge, 100 conversations each sending distinct messages back to back (each
-   waits for its previous answer: per-conversation ordering), streamed answers; answers/s and
-   per-message latency, next to bare httpx streaming calls under the same concurrency limit. A last
+   waits for its previous answer: per-conversation ordering), streamed answers, memory off so the
+   requests are the same as the baseline's; answers/s and per-message latency, next to bare httpx
+   streaming calls under the same concurrency limit. A last
    run has every conversation ask the same questions at the same time, which coalescing serves
    with one backend call each.
 """
@@ -243,6 +244,9 @@ async def throughput(url: str, *, identical: bool = False) -> dict[str, float]:
         "nlp_bridge": {
             "backends": {"main": {"type": "openai", "base_url": f"{url}/v1", "model": "bench", "max_connections": CALL_CONCURRENCY}},
             "limits": {"max_concurrency": CALL_CONCURRENCY, "queue_size": 1000, "user_rate_per_minute": 0},
+            # Same requests as the bare baseline ([system, user]); with memory on they would grow
+            # with each turn and measure the server's JSON parsing instead.
+            "memory": {"enabled": False},
         },
     }
     host = build_host(load_config(data=data, environ={}), plugins=[("nlp_bridge", plugin)], entry_points=False)

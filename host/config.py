@@ -397,6 +397,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str, str]] = {
     "HOST_ENVIRONMENT": ("host", "environment", "str"),
     "HOST_CONCURRENCY": ("host", "concurrency", "int"),
     "HOST_CONTROL_SOCKET": ("host", "control_socket", "str"),
+    "HOST_AUDIT_DIR": ("audit", "dir", "str"),
     "HOST_PLUGINS_ALLOW": ("plugins", "allow", "list"),
     "HOST_PLUGINS_DENY": ("plugins", "deny", "list"),
     "HOST_HTTP_ADDR": ("http", "addr", "str"),

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
+from host.access import policy_changes
 from host.config import load_config, redact
 from host.errors import ConfigError, PluginError
 from host.logs import current_plugin, logger
@@ -256,6 +257,7 @@ class Reloader:
             new = load_config(source)
             for name, (_plugin, schema) in host.section_schemas.items():
                 new.validate_section(name, schema)
+            apply_core = host.prepare_core_reload(new)  # [tls], [admin], [access]: checked, applied below
         except ConfigError as exc:
             logger.error("configuration reload refused, keeping the running configuration: {}", exc)
             await host.audit("config", "reload_refused", details={"error": str(exc), "reason": reason})
@@ -273,7 +275,15 @@ class Reloader:
         host.config = new
         host.dispatcher.settings = new.host
         host.plugins.generation += 1  # re-resolve per-plugin timeouts
+        apply_core()
         await host.audit("config", "change", details={"sections": changed, "diff": diff, "reason": reason})
+        if "access" in changed:
+            logger.info("[access] changed: the new policy applies from the next message")
+            await host.audit("access", "policy_change", details={
+                "changes": policy_changes(old.access, new.access), "reason": reason,
+            })
+        if "admin" in changed:
+            logger.info("[admin] changed: keys, allow-list and limits apply from the next request")
         for core in ("host", "logging", "http"):
             if core in changed:
                 logger.warning("[{}] changed: timeouts apply now; other keys need a restart", core)
@@ -307,6 +317,10 @@ class Reloader:
         level = logger.info if result.ok else logger.error
         level("plugin {} {} ({}){}", name, result.outcome, reason, f": {result.error}" if result.error else "")
         return result
+
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a plugin the host has a record of, or one installed now."""
+        return name in self.host.plugins.records or self._locate(name) is not None
 
     def _locate(self, name: str) -> tuple[str, Callable[[], Any], dict[str, Any]] | None:
         """Where the current version of ``name`` comes from: (source, loader, record fields)."""

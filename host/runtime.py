@@ -22,6 +22,9 @@ from typing import Any
 import trio
 import trio.lowlevel
 
+from host import tls
+from host.access import AccessControl
+from host.admin import AdminApi
 from host.config import Config, redact
 from host.connector import Connector, ReplyStream
 from host.dispatch import Dispatcher
@@ -48,6 +51,10 @@ class Host:
         self.dispatcher = Dispatcher(plugins, config.host)
         #: The HTTP server (/metrics, /healthz, /readyz); plugins add routes to it. Started by ``run``.
         self.http = HttpServer(self, config.section("http"))
+        #: The built-in access-control middleware (``[access]``), always the outermost one.
+        self.access = AccessControl(self, config.access)
+        #: The admin API (``[admin]``), served under ``/admin`` when enabled.
+        self.admin = AdminApi(self)
         self.connectors: dict[str, Connector] = {}
         #: connector name -> the plugin that registered it ("" for connectors added directly).
         self.connector_owners: dict[str, str] = {}
@@ -132,6 +139,8 @@ class Host:
         Raises ``ConfigError`` for an invalid section (startup must stop); a plugin whose
         registration hook raises is marked failed instead.
         """
+        # Security settings first: the admin API takes /admin before any plugin can.
+        self.prepare_core_reload(self.config)()
         sections: list[tuple[str, str, Any]] = []
 
         def register_section(name: str, schema: Any) -> None:
@@ -162,7 +171,25 @@ class Host:
             middleware.append((current_plugin.get(), func))
 
         self.dispatcher.call_sync("register_middleware", host=self, register=register_middleware)
-        self.set_middleware(middleware)
+        # Access control runs first: a refused message reaches no plugin, not even its middleware.
+        self.set_middleware([("", self.access), *middleware])
+
+    def prepare_core_reload(self, config: Config) -> Callable[[], None]:
+        """Check the live-applicable core sections of ``config`` (``[tls]``, ``[admin]``, ``[access]``);
+        return the function that applies them. ``ConfigError`` when one cannot be used (a missing
+        CA bundle or key file): then nothing was changed."""
+        ca_file = config.tls.ca_file
+        if ca_file:
+            tls.client_context(ca_file)  # raises TlsPolicyError naming the file
+        admin_auth = AdminApi.prepare(config.admin)
+        access = config.access
+
+        def apply() -> None:
+            tls.configure(ca_file)
+            self.admin.apply(admin_auth)
+            self.access.update(access)
+
+        return apply
 
     def add_connector(self, connector: Connector) -> None:
         """Add a connector directly (tests, embedding). Before ``run`` only."""
@@ -621,7 +648,17 @@ class Host:
         The one call a plugin makes to audit its own sensitive operations. Secrets in ``details``
         are redacted first.
         """
-        self.audit_soon(category, action, actor=actor, target=target, details=details)
+        self._audit_backlog.append(
+            AuditEntry(
+                category=category,
+                action=action,
+                actor=actor,
+                target=target,
+                details=redact(details or {}),
+                request_id=current_request_id.get() or None,
+            )
+        )
+        # Flush here rather than waking the flusher task: no task switch on the awaited path.
         await self._flush_audit()
 
     async def _flush_audit(self) -> None:

@@ -7,6 +7,7 @@ real clock, an absolute ``fail_after`` per test.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import gc
@@ -200,10 +201,8 @@ async def tls_server(context: ssl.SSLContext, kind: Literal["http", "ws"]) -> As
                     request = await trio_websocket.wrap_server_stream(nursery, stream)
                     ws = await request.accept()
                     await ws.send_message("hello")
-                    try:
+                    with contextlib.suppress(trio_websocket.ConnectionClosed):
                         await ws.get_message()  # until the client closes
-                    except trio_websocket.ConnectionClosed:
-                        pass
         except (trio.BrokenResourceError, trio_websocket.ConnectionClosed):
             pass
 

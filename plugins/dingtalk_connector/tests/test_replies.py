@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 import trio
-from host.model import CardButton, Conversation, Reply
-
 from host_dingtalk_connector.emulator import open_emulator
 from host_dingtalk_connector.errors import ReplyError
 from host_dingtalk_connector.replies import reply_body
 from streamkit import Recorder, dingtalk_config, open_host
+
+from host.model import CardButton, Conversation, Reply
 
 LIMIT = 30
 

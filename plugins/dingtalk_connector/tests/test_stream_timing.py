@@ -263,3 +263,17 @@ async def test_dedup_memory_expires_after_its_ttl() -> None:
             await wait_for(lambda: len(recorder.messages) == 2)
             assert [m.text for m in recorder.messages] == ["original", "after the TTL"]
             assert running.metric("host_dingtalk_redeliveries_total", app="default") == 1
+
+
+@pytest.mark.anyio
+async def test_shutdown_does_not_wait_for_a_hanging_registration() -> None:
+    stream = {"register_timeout": 10_000.0, "startup_wait": 1.0}
+    with trio.fail_after(LIMIT):
+        async with open_emulator() as emu:
+            emu.faults.refuse_registration("timeout")
+            with trio.fail_after(100):  # far less than register_timeout
+                async with open_host(dingtalk_config(emu, stream=stream)) as running:
+                    assert not running.connector.is_ready()
+                    assert len(emu.state.registrations) == 1  # the attempt is hanging
+            assert emu.connections() == []
+            emu.faults.clear_registration()

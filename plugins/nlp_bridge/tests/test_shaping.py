@@ -207,8 +207,10 @@ async def test_a_flooding_conversation_gets_busy_replies_and_others_still_get_in
             [calm] = burst(th, ["hello"], conversation="calm-room")
             await th.host.wait_idle()
             texts = [reply(th, m).text for m in flood]
-            assert texts[:3] == ["[echo] spam 0", "[echo] spam 1", "[echo] spam 2"]
-            assert texts[3:] == [TEXTS.busy] * 3
+            # Which three get in depends on arrival within the burst; the ones answered keep their order.
+            answered = [t for t in texts if t != TEXTS.busy]
+            assert len(answered) == 3 and texts.count(TEXTS.busy) == 3
+            assert answered == sorted(answered, key=lambda t: int(t.rsplit(" ", 1)[1]))
             assert reply(th, calm).text == "[echo] hello"
             assert sample(th, "nlp_rejected_total", reason="conversation_full") == 3
     assert not host_logs.errors()

@@ -2,10 +2,13 @@
 
 ``verify_log(directory)`` reads every segment in order and checks, for each line:
 
-1. it ends in the ``,"h":"<64 hex>"}`` member and parses as JSON;
+1. it parses as a JSON record with ``seq``, ``ts``, ``type`` and ``h``;
 2. its ``seq`` is the previous one + 1 (deleted, inserted and reordered records break this);
-3. ``h`` equals ``SHA-256(0x00 ‖ previous h ‖ body)`` (an edited byte breaks this);
-4. its ``ts`` is not more than ``clock_tolerance_ms`` behind the newest earlier timestamp;
+3. ``h`` equals ``SHA-256(0x00 ‖ previous h ‖ the line before its last 72 bytes)`` (an edited byte
+   breaks this);
+4. its ``ts`` is not more than ``clock_tolerance_ms`` behind the newest earlier timestamp
+
+(``host_audit.scan``, run in worker processes for large logs),
 
 and per record type: a ``segment`` header names its own file, the previous file, the previous hash
 and the log id (a removed, renamed or reordered segment breaks this); a ``checkpoint`` covers exactly

@@ -9,7 +9,11 @@
     ├── ConnectError             could not open a Stream connection (transient: retried with backoff)
     │   ├── RegistrationError    POST /v1.0/gateway/connections/open failed (``status``, ``code``)
     │   └── HandshakeFailed      the WebSocket upgrade with the ticket failed
-    └── ReplyError               a reply could not be sent (also a host DeliveryError)
+    ├── ReplyError               a reply could not be sent (also a host DeliveryError)
+    │   └── OpenApiError         DingTalk refused or failed an OpenAPI call (``status``, ``code``,
+    │       │                    ``request_id``: DingTalk's ``requestid``, for support tickets)
+    │       └── TokenError       no access token: refused credentials, or the token API failed
+    └── MediaError               a file could not be downloaded or uploaded (size limit, refusal)
 
 Nothing here ever carries a secret: registration errors name the DingTalk error code and the HTTP
 status, never the request body.
@@ -25,9 +29,12 @@ __all__ = [
     "DingTalkError",
     "FrameError",
     "HandshakeFailed",
+    "MediaError",
+    "OpenApiError",
     "PayloadError",
     "RegistrationError",
     "ReplyError",
+    "TokenError",
 ]
 
 
@@ -85,3 +92,47 @@ class HandshakeFailed(ConnectError):
 
 class ReplyError(DingTalkError, DeliveryError):
     """A reply could not be delivered to DingTalk."""
+
+
+class OpenApiError(ReplyError):
+    """DingTalk refused (or kept failing) an OpenAPI call, after the retries it deserved.
+
+    ``status`` is the HTTP status (``None`` for network errors and timeouts), ``code`` DingTalk's
+    error code (``Forbidden.AccessDenied.QpsLimitForAppkeyAndApi``, ``invalidParameter.userIds.empty``,
+    or an old-API ``errcode`` as a string), ``request_id`` DingTalk's ``requestid`` (quote it to
+    DingTalk support), ``transient`` whether retrying later could succeed.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        transient: bool = False,
+    ) -> None:
+        suffix = f" (DingTalk request id {request_id})" if request_id else ""
+        super().__init__(detail + suffix)
+        self.detail = detail
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.transient = transient
+
+
+class TokenError(OpenApiError):
+    """No access token: the credentials were refused (``invalidClientIdOrSecret``) or the token API
+    kept failing. Every OpenAPI call of the app fails with it until a refresh succeeds."""
+
+
+class MediaError(DingTalkError):
+    """A file of a message could not be downloaded, or one could not be uploaded.
+
+    ``reason`` is a bounded label: ``too_large``, ``refused``, ``unavailable``, ``io``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from host.metrics import Metrics
 
-__all__ = ["CONNECTION_STATES", "ConnectorMetrics"]
+__all__ = ["CONNECTION_STATES", "ConnectorMetrics", "OutboundMetrics"]
 
 #: Values of ``dingtalk_connection_state``.
 CONNECTION_STATES = {"disconnected": 0, "connecting": 1, "connected": 2}
@@ -65,3 +65,36 @@ class ConnectorMetrics:
         )
         self.pings = metrics.counter("dingtalk_system_pings_total", "SYSTEM ping frames answered.", ["app"])
         self.dedup_entries = metrics.gauge("dingtalk_dedup_entries", "Ids remembered for deduplication.", ["app"])
+
+
+class OutboundMetrics:
+    """Metrics of everything the connector sends: replies, AI cards, tokens, media."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.deliveries = metrics.counter(
+            "dingtalk_deliveries_total",
+            "Reply and message sends by route (session_webhook, openapi) and outcome (ok, expired, "
+            "refused, error).",
+            ["app", "route", "outcome"],
+        )
+        self.card_updates = metrics.counter(
+            "dingtalk_card_updates_total",
+            "AI card calls by outcome (created, create_failed, update, finalized, failed, error).",
+            ["app", "outcome"],
+        )
+        self.card_qps_rejections = metrics.counter(
+            "dingtalk_card_qps_rejections_total",
+            "AI card calls DingTalk refused with 403 QpsLimit (each slows the card budget down).",
+            ["app"],
+        )
+        self.token_refreshes = metrics.counter(
+            "dingtalk_token_refreshes_total",
+            "Access token requests by outcome (ok, refused, error).",
+            ["app", "outcome"],
+        )
+        self.media = metrics.counter(
+            "dingtalk_media_total",
+            "Media files by direction (download, upload) and outcome (ok, too_large, refused, "
+            "unavailable, io).",
+            ["app", "direction", "outcome"],
+        )

@@ -235,9 +235,17 @@ class _Connection:
             with trio.fail_after(settings.connect_timeout):
                 stream: trio.abc.Stream
                 if secure:
-                    stream = await trio.open_ssl_over_tcp_stream(
+                    tls = await trio.open_ssl_over_tcp_stream(
                         host, port, ssl_context=self.stream.ssl_context, https_compatible=True
                     )
+                    try:
+                        # Handshake now: a certificate or protocol-version failure then surfaces
+                        # at once (inside trio-websocket it would only end in a timeout).
+                        await tls.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        await trio.aclose_forcefully(tls)
+                        raise HandshakeFailed(f"TLS handshake with {host}:{port} failed: {exc.__cause__ or exc}") from None
+                    stream = tls
                 else:
                     stream = await trio.open_tcp_stream(host, port)
                 try:
@@ -358,6 +366,7 @@ class AppStream:
         #: The last reconnect delays as (ceiling, delay) pairs, for introspection.
         self.delays: deque[tuple[float, float]] = deque(maxlen=32)
         self._quick_handovers = 0
+        self._attempt_scope = trio.CancelScope()
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
         self._connected = trio.Event()
@@ -398,7 +407,10 @@ class AppStream:
             self._connected = trio.Event()
 
     def request_stop(self) -> None:
+        """Stop reconnecting and close every connection (``run`` then returns)."""
         self._stop.set()
+        # A registration or handshake in progress is abandoned rather than waited for.
+        self._attempt_scope.cancel()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -416,8 +428,12 @@ class AppStream:
                         break
                 if not self.is_ready():
                     self._set_state("connecting")
+                self._attempt_scope = trio.CancelScope()
                 try:
-                    connection = await self._connect(http, nursery)
+                    with self._attempt_scope:
+                        connection = await self._connect(http, nursery)
+                    if self._attempt_scope.cancelled_caught:
+                        break
                 except ConnectError as exc:
                     reason = "register_failed" if isinstance(exc, RegistrationError) else "handshake_failed"
                     self._count_reconnect(reason)
