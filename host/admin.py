@@ -124,16 +124,24 @@ class AdminKeys:
         return f"AdminKeys({sorted(self.keys)})"
 
 
-def load_keys(section: AdminSection, *, for_signing: bool = False, private_key_file: str | None = None) -> AdminKeys:
+def load_keys(
+    section: AdminSection,
+    *,
+    for_signing: bool = False,
+    private_key_file: str | None = None,
+    only: str | None = None,
+) -> AdminKeys:
     """Read the key files of ``[admin.keys]``. ``ConfigError`` naming the key and file on failure.
 
     ``for_signing`` also loads private keys (token minting); ``private_key_file`` overrides the
-    configured one (for a single-key CLI call).
+    configured one and ``only`` restricts loading to one key id (a CLI call for one key).
     """
     from cryptography.hazmat.primitives import serialization
 
     loaded: dict[str, _Key] = {}
     for kid, key in section.keys.items():
+        if only is not None and kid != only:
+            continue
         if key.symmetric:
             assert key.secret is not None  # checked by AdminSection
             secret = key.secret.reveal().encode()

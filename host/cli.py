@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 import trio
 
-from host import __version__
+from host import __version__, admin_cli
 from host.config import Config, load_config
 from host.dispatch import Dispatcher
-from host.errors import ConfigError
+from host.errors import ConfigError, HostError
 from host.logs import current_plugin, logger, setup_logging
 from host.plugins import HOST_API_VERSION, PluginManager
 from host.reload import send_control_command
@@ -27,7 +27,7 @@ from host.runtime import Host, build_host
 
 __all__ = ["main", "run_until_signal"]
 
-_BUILTIN = {"run", "plugins", "config", "reload"}
+_BUILTIN = {"run", "plugins", "config", "reload", "admin"}
 
 
 class _Command:
@@ -80,6 +80,7 @@ def _build_parser(commands: dict[str, _Command]) -> argparse.ArgumentParser:
     )
     reload.add_argument("plugin", nargs="?", help="plugin name; omit to reload everything that changed")
     reload.add_argument("--json", action="store_true", help="print the host's JSON answer")
+    admin_cli.configure_parser(sub)
     for command in commands.values():
         p = sub.add_parser(command.name, help=f"{command.help} [plugin {command.plugin}]")
         if command.configure is not None:
@@ -123,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config, manager)
     if command == "reload":
         return _cmd_reload(config, args.plugin, as_json=args.json)
+    if command == "admin":
+        return admin_cli.run(config, args)
     return commands[command].run(args)
 
 
@@ -201,8 +204,24 @@ def run(config: Config, manager: PluginManager | None = None) -> int:
         logger.error("configuration error: {}", exc)
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    trio.run(run_until_signal, host)
+    failures: list[BaseException] = []
+    try:
+        trio.run(run_until_signal, host)
+    except* HostError as group:
+        # e.g. the HTTP server cannot listen: one clear line, not nested exception groups.
+        failures.extend(_leaves(group))
+    if failures:
+        for failure in failures:
+            print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 async def run_until_signal(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

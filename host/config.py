@@ -154,7 +154,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True):
     """``[host]``: the runtime."""
 
     #: Messages handled at the same time (worker tasks).
-    concurrency: int = 16
+    concurrency: int = 64
     #: Accepted messages waiting for a worker; when full, connectors stop taking messages.
     queue_size: int = 1024
     #: Seconds to drain in-flight messages on shutdown before cancelling them.

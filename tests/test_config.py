@@ -28,7 +28,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)
     config = load_config(environ={})
     assert config.source == "<defaults>"
-    assert config.host.concurrency == 16
+    assert config.host.concurrency == 64
     assert config.logging.error_retention_days == 30
 
 
