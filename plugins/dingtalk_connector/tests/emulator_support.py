@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from host_dingtalk_connector.emulator import BOT_TOPIC, CARD_CALLBACK_TOPIC, Emulator
 
@@ -67,6 +67,30 @@ class StreamClient:
 
 
 @asynccontextmanager
+async def open_ws(url: str) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client connection whose socket is always closed afterwards.
+
+    (trio-websocket's own ``open_websocket_url`` leaves the socket open when the server drops the
+    TCP connection or rejects the handshake, which ``filterwarnings = error`` turns into failures.)
+    """
+    parsed = httpx.URL(url)
+    resource = parsed.raw_path.decode()
+    stream = await trio.open_tcp_stream(parsed.host, parsed.port or 80)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, stream, f"{parsed.host}:{parsed.port}", resource)
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(5) as scope:
+                    scope.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        stream.socket.close()
+
+
+@asynccontextmanager
 async def stream_client(emu: Emulator, subscriptions: list[dict[str, str]] | None = None
                         ) -> AsyncIterator[StreamClient]:
     """Register and connect; yields a client whose ``ws`` is open."""
@@ -75,7 +99,7 @@ async def stream_client(emu: Emulator, subscriptions: list[dict[str, str]] | Non
         r = await client.register(subscriptions)
         assert r.status_code == 200, r.text
         info = r.json()
-        async with open_websocket_url(f"{info['endpoint']}?ticket={info['ticket']}") as ws:
+        async with open_ws(f"{info['endpoint']}?ticket={info['ticket']}") as ws:
             client.ws = ws
             yield client
 

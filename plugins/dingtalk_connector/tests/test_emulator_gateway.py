@@ -19,11 +19,12 @@ from emulator_support import (
     ALL_SUBSCRIPTIONS,
     StreamClient,
     data_of,
+    open_ws,
     rejected_handshake,
     socket_clock,
     stream_client,
 )
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from host_dingtalk_connector.emulator import BOT_TOPIC, EmulatorError, open_emulator
 
@@ -97,7 +98,7 @@ async def test_tickets_are_single_use_and_expire_after_90_seconds() -> None:
             client = StreamClient(emu, http)
             first = (await client.register()).json()
             url = f"{first['endpoint']}?ticket={first['ticket']}"
-            async with open_websocket_url(url):
+            async with open_ws(url):
                 await emu.wait_for_connection(1)
             reused = await rejected_handshake(url)
             assert reused.status_code == 401 and reused.json()["code"] == "ticket.used"
@@ -110,7 +111,7 @@ async def test_tickets_are_single_use_and_expire_after_90_seconds() -> None:
             assert set(expired.json()) == {"requestid", "code", "message"}
             in_time = (await client.register()).json()
             await trio.sleep(89)
-            async with open_websocket_url(f"{in_time['endpoint']}?ticket={in_time['ticket']}"):
+            async with open_ws(f"{in_time['endpoint']}?ticket={in_time['ticket']}"):
                 await emu.wait_for_connection(2)
             assert [h["reason"] for h in emu.rejected_handshakes()] == ["used", "unknown", "expired"]
             assert len(emu.connections()) == 2

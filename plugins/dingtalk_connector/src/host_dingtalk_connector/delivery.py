@@ -128,11 +128,20 @@ class ReplySender:
     def remember(self, message: Message) -> None:
         """Note the app (and 1:1 partner) of ``message``'s conversation, for proactive sends."""
         key = message.conversation.id
-        partner = message.sender.platform_ids.get("staffId") if message.conversation.type == "single" else None
+        partner = (
+            message.sender.platform_ids.get("staffId")
+            if message.conversation.type == "single"
+            else None
+        )
         self._conversations.pop(key, None)
         self._conversations[key] = (message.app_id or "", partner)
         while len(self._conversations) > _CONVERSATIONS_MAX:
             self._conversations.popitem(last=False)
+
+    def partner_of(self, conversation_id: str) -> str | None:
+        """The staffId of the user in 1:1 chat ``conversation_id``, if that chat was seen."""
+        known = self._conversations.get(conversation_id)
+        return known[1] if known is not None else None
 
     def client_for(self, app_id: str | None, conversation_id: str | None = None) -> OpenApiClient:
         """The app client by configured name or client id; else the conversation's; else the only one."""
@@ -141,7 +150,9 @@ class ReplySender:
             if client is None:
                 client = next((c for c in self.clients.values() if c.app.client_id == app_id), None)
             if client is None:
-                raise ReplyError(f"no DingTalk app named {app_id!r} (configured: {', '.join(sorted(self.clients))})")
+                raise ReplyError(
+                    f"no DingTalk app named {app_id!r} (configured: {', '.join(sorted(self.clients))})"
+                )
             return client
         if conversation_id is not None and conversation_id in self._conversations:
             known = self._conversations[conversation_id][0]
@@ -181,7 +192,9 @@ class ReplySender:
                 logger.info("{}: session webhook expired; sending through the OpenAPI", what)
             else:
                 try:
-                    await self._post_webhook(webhook, webhook_body(reply, self.mention_for(message, reply)), what)
+                    await self._post_webhook(
+                        webhook, webhook_body(reply, self.mention_for(message, reply)), what
+                    )
                 except _WebhookFailed as exc:
                     self.metrics.deliveries.labels(app, "session_webhook", exc.outcome).inc()
                     logger.info("{}: {}; sending through the OpenAPI", what, exc)
@@ -206,13 +219,17 @@ class ReplySender:
         reply = await self._prepare(client, reply)
         partner: str | None = None
         if target.type != "group":
-            known = self._conversations.get(target.id)
-            partner = known[1] if known is not None and known[1] else target.id
+            partner = self.partner_of(target.id) or target.id
         for part in self._parts(reply):
             await self._send_openapi(client, target, part, partner, f"message to {target.id}")
 
     async def _send_openapi(
-        self, client: OpenApiClient, conversation: Conversation, reply: Reply, partner: str | None, what: str
+        self,
+        client: OpenApiClient,
+        conversation: Conversation,
+        reply: Reply,
+        partner: str | None,
+        what: str,
     ) -> None:
         app = client.app.name
         msg_key, msg_param = robot_message(reply)
@@ -222,7 +239,9 @@ class ReplySender:
             elif partner:
                 await client.send_to_user(partner, msg_key, msg_param, what=what)
             else:
-                raise OpenApiError(f"{what}: the sender has no staffId (an external user?), so the OpenAPI cannot reach them")
+                raise OpenApiError(
+                    f"{what}: the sender has no staffId (an external user?), so the OpenAPI cannot reach them"
+                )
         except OpenApiError:
             self.metrics.deliveries.labels(app, "openapi", "error").inc()
             raise

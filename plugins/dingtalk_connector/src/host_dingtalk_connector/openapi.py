@@ -49,8 +49,12 @@ __all__ = [
 BATCH_SEND = "/v1.0/robot/oToMessages/batchSend"
 GROUP_SEND = "/v1.0/robot/groupMessages/send"
 #: Codes meaning "this token is not (or no longer) valid": drop it and retry once with a new one.
-_AUTH_CODES = frozenset({"InvalidAuthentication", "token.notExisted", "AuthenticationFailed.InvalidToken"})
-_TRANSIENT_CODES = frozenset({"system.busy", "system.error", "unknownError", "send.too.fast", "send.byToken.tooFast"})
+_AUTH_CODES = frozenset(
+    {"InvalidAuthentication", "token.notExisted", "AuthenticationFailed.InvalidToken"}
+)
+_TRANSIENT_CODES = frozenset(
+    {"system.busy", "system.error", "unknownError", "send.too.fast", "send.byToken.tooFast"}
+)
 
 
 class ApiBudgetSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,7 +88,10 @@ def default_oapi_endpoint(openapi_endpoint: str) -> str:
     """The old-API base matching an OpenAPI base: DingTalk's own hosts map to ``oapi.dingtalk.com``;
     anything else (an emulator, a proxy) serves both on the same base."""
     base = openapi_endpoint.rstrip("/")
-    for new, old in (("://api.dingtalk.com", "://oapi.dingtalk.com"), ("://api.dingtalk.io", "://oapi.dingtalk.io")):
+    for new, old in (
+        ("://api.dingtalk.com", "://oapi.dingtalk.com"),
+        ("://api.dingtalk.io", "://oapi.dingtalk.io"),
+    ):
         if base.endswith(new):
             return base[: -len(new)] + old
     return base
@@ -156,7 +163,9 @@ class OpenApiClient:
         self.http = http
         self.tokens = tokens
         #: Base of the old OpenAPIs (``/media/upload``): ``https://oapi.dingtalk.com`` in production.
-        self.oapi_endpoint = (oapi_endpoint or default_oapi_endpoint(app.openapi_endpoint)).rstrip("/")
+        self.oapi_endpoint = (oapi_endpoint or default_oapi_endpoint(app.openapi_endpoint)).rstrip(
+            "/"
+        )
         self.retry = retry or RetrySettings()
         self.budget_settings = budget or ApiBudgetSettings()
         self._budgets: dict[str, TokenBucket] = {}
@@ -228,9 +237,13 @@ class OpenApiClient:
     ) -> dict[str, Any] | OpenApiError:
         headers = {"x-acs-dingtalk-access-token": token, "Accept": "application/json"}
         try:
-            response = await self.http.request(method, url, json=body, headers=headers, timeout=self.retry.timeout)
+            response = await self.http.request(
+                method, url, json=body, headers=headers, timeout=self.retry.timeout
+            )
         except httpx.TimeoutException:
-            return OpenApiError(f"{what}: DingTalk did not answer within {self.retry.timeout}s", transient=True)
+            return OpenApiError(
+                f"{what}: DingTalk did not answer within {self.retry.timeout}s", transient=True
+            )
         except httpx.HTTPError as exc:
             return OpenApiError(f"{what}: network error {type(exc).__name__}", transient=True)
         try:
@@ -252,7 +265,8 @@ class OpenApiClient:
         text = f" {message}" if isinstance(message, str) and message else ""
         kind = classify(response.status_code, code)
         return OpenApiError(
-            f"{what}: DingTalk answered HTTP {response.status_code} {code or ''}{text}".rstrip() + _hint(code),
+            f"{what}: DingTalk answered HTTP {response.status_code} {code or ''}{text}".rstrip()
+            + _hint(code),
             status=response.status_code,
             code=code,
             request_id=request_id,
@@ -261,7 +275,9 @@ class OpenApiClient:
 
     # -- robot messages ------------------------------------------------------------------------------
 
-    async def send_to_user(self, user_id: str, msg_key: str, msg_param: dict[str, Any], *, what: str) -> str:
+    async def send_to_user(
+        self, user_id: str, msg_key: str, msg_param: dict[str, Any], *, what: str
+    ) -> str:
         """Send into the 1:1 chat of ``user_id`` (a staffId); returns DingTalk's processQueryKey."""
         body = {
             "robotCode": self.app.robot_code,
@@ -278,7 +294,9 @@ class OpenApiClient:
                                status=200, code="flowControlled", transient=True)  # fmt: skip
         return str(answer.get("processQueryKey") or "")
 
-    async def send_to_group(self, conversation_id: str, msg_key: str, msg_param: dict[str, Any], *, what: str) -> str:
+    async def send_to_group(
+        self, conversation_id: str, msg_key: str, msg_param: dict[str, Any], *, what: str
+    ) -> str:
         """Send into the group ``conversation_id`` (its openConversationId); returns processQueryKey."""
         body = {
             "robotCode": self.app.robot_code,
@@ -299,4 +317,3 @@ def _hint(code: str | None) -> str:
     if code == "Forbidden.AccessDenied.ApiCountLimitForOrg":
         return " (the organisation's monthly API quota is used up)"
     return ""
-

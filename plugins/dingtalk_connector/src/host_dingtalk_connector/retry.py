@@ -63,7 +63,9 @@ class Retrying:
     def __post_init__(self) -> None:
         self.attempt = 1
         self.started = self.now()
-        self._backoff = Backoff(base=self.settings.base_delay, cap=self.settings.max_delay, rng=self.rng)
+        self._backoff = Backoff(
+            base=self.settings.base_delay, cap=self.settings.max_delay, rng=self.rng
+        )
 
     def next_delay(self, *, qps: bool = False) -> float | None:
         """Delay before the next attempt, or ``None`` if attempts or the deadline are used up."""

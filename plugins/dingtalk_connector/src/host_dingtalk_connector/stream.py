@@ -256,6 +256,8 @@ class _Connection:
                         resource,
                         message_queue_size=settings.receive_queue,
                         max_message_size=settings.transport_max_bytes,
+                        # Read up to 64 KiB per syscall: a burst of frames costs fewer wake-ups.
+                        receive_buffer_size=65536,
                     )
                 except BaseException:
                     await trio.aclose_forcefully(stream)
@@ -439,6 +441,17 @@ class AppStream:
                     self._count_reconnect(reason)
                     delay = self._next_delay()
                     self._log.warning("{}: could not connect: {}; retry in {:.2f}s", self.app.name, exc, delay)
+                    if not self.is_ready():
+                        self._set_state("disconnected")
+                    continue
+                except Exception as exc:
+                    # A bug must not leave the app silently disconnected forever: log it loudly and
+                    # keep trying, with backoff.
+                    self._count_reconnect("error")
+                    delay = self._next_delay()
+                    self._log.opt(exception=exc).error(
+                        "{}: unexpected error while connecting: {!r}; retry in {:.2f}s", self.app.name, exc, delay
+                    )
                     if not self.is_ready():
                         self._set_state("disconnected")
                     continue

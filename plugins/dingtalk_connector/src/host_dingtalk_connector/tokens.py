@@ -131,7 +131,9 @@ class AccessTokens:
             return
         if token is not None and self._token.reveal() != token:
             return  # a newer token already replaced the refused one
-        logger.info("dingtalk app {}: access token refused by DingTalk; fetching a new one", self.app.name)
+        logger.info(
+            "dingtalk app {}: access token refused by DingTalk; fetching a new one", self.app.name
+        )
         self._token = None
 
     def statistics(self) -> dict[str, Any]:
@@ -170,7 +172,9 @@ class AccessTokens:
         try:
             response = await self._http.post(url, json=body, timeout=self._retry.timeout)
         except httpx.TimeoutException:
-            return TokenError(f"access token request timed out after {self._retry.timeout}s", transient=True)
+            return TokenError(
+                f"access token request timed out after {self._retry.timeout}s", transient=True
+            )
         except httpx.HTTPError as exc:
             return TokenError(f"access token request failed: {type(exc).__name__}", transient=True)
         try:
@@ -180,10 +184,20 @@ class AccessTokens:
         data = payload if isinstance(payload, dict) else {}
         request_id = data.get("requestid") or response.headers.get("x-acs-request-id")
         code = data.get("code")
-        if response.status_code == 200 and isinstance(data.get("accessToken"), str) and data["accessToken"]:
+        if (
+            response.status_code == 200
+            and isinstance(data.get("accessToken"), str)
+            and data["accessToken"]
+        ):
             expire_in = data.get("expireIn")
-            if not isinstance(expire_in, int | float) or isinstance(expire_in, bool) or expire_in <= 0:
-                return TokenError("access token answer has no valid expireIn", status=200, request_id=request_id)
+            if (
+                not isinstance(expire_in, int | float)
+                or isinstance(expire_in, bool)
+                or expire_in <= 0
+            ):
+                return TokenError(
+                    "access token answer has no valid expireIn", status=200, request_id=request_id
+                )
             token = Secret(data["accessToken"], source="dingtalk-access-token")
             # Judge expiry from when the request started: the answer may have taken a while.
             margin = min(self.refresh_margin, expire_in / 2)
@@ -191,13 +205,22 @@ class AccessTokens:
             self._expires_at = started + expire_in
             self._refresh_at = started + expire_in - margin
             return token
-        transient = response.status_code >= 500 or response.status_code == 429 or (
-            isinstance(code, str) and ("QpsLimit" in code or code in ("system.busy", "system.error"))
+        transient = (
+            response.status_code >= 500
+            or response.status_code == 429
+            or (
+                isinstance(code, str)
+                and ("QpsLimit" in code or code in ("system.busy", "system.error"))
+            )
         )
         if isinstance(code, str) and code in _REFUSED:
-            detail = f"DingTalk refused the app's credentials ({code}): check client_id / client_secret"
+            detail = (
+                f"DingTalk refused the app's credentials ({code}): check client_id / client_secret"
+            )
         else:
-            detail = f"access token request answered HTTP {response.status_code} {code or ''}".rstrip()
+            detail = (
+                f"access token request answered HTTP {response.status_code} {code or ''}".rstrip()
+            )
         return TokenError(
             detail,
             status=response.status_code,

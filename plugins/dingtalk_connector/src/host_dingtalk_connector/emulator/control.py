@@ -83,6 +83,7 @@ class ControlApi:
         r = self._route
         return [
             r("GET", "/_emulator", self.info),
+            r("GET", "/_emulator/", self.info),
             r("GET", "/_emulator/settings", lambda q: _json(e.settings.public_dict())),
             r("PATCH", "/_emulator/settings", self.patch_settings),
             r("POST", "/_emulator/messages", self.post_message),

@@ -370,22 +370,24 @@ class OpenApi:
                         headers={"Content-Disposition": f'attachment; filename="{file_id}.file"'})
 
     async def media_upload(self, call: Call) -> Any:
-        kind = call.request.query_params.get("type")
         try:
             form = await call.request.form()
         except Exception as exc:  # python-multipart raises several types for bad bodies
             raise OapiError(40035, f"缺少参数 media: {exc}") from None
-        kind = str(form.get("type") or kind or "")
-        media = form.get("media")
-        if kind not in _MEDIA_LIMITS:
-            raise OapiError(40004, f"不合法的媒体文件类型: type must be one of {', '.join(_MEDIA_LIMITS)}")
-        if media is None or isinstance(media, str):
-            raise OapiError(40035, "缺少参数 media (multipart file field)")
-        content = await media.read()
+        try:
+            kind = str(form.get("type") or call.request.query_params.get("type") or "")
+            media = form.get("media")
+            if kind not in _MEDIA_LIMITS:
+                raise OapiError(40004, f"不合法的媒体文件类型: type must be one of {', '.join(_MEDIA_LIMITS)}")
+            if media is None or isinstance(media, str):
+                raise OapiError(40035, "缺少参数 media (multipart file field)")
+            content = await media.read()
+            filename, mime = media.filename or "media", media.content_type or "application/octet-stream"
+        finally:
+            await form.close()  # uploads are spooled to temporary files
         if len(content) > _MEDIA_LIMITS[kind]:
             raise OapiError(40006, f"不合法的文件大小: {len(content)} bytes")
-        stored = self.state.add_file(content, media.filename or "media", media.content_type or
-                                     "application/octet-stream", kind=kind, with_download_code=False,
+        stored = self.state.add_file(content, filename, mime, kind=kind, with_download_code=False,
                                      with_media_id=True)
         call.record.request = {"type": kind, "filename": stored.name, "size": len(content)}
         return {"errcode": 0, "errmsg": "ok", "media_id": stored.media_id,

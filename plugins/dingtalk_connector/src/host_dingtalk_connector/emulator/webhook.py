@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from .errors import OapiError
 from .openapi import Call
 from .state import BotMessage, EmulatorState
@@ -91,9 +93,15 @@ class SessionWebhook:
             raise OapiError(state.settings.session_unknown_errcode, "session不存在")
         if session.expires_at <= state.clock.now():
             raise OapiError(state.settings.session_expired_errcode, "session已过期")
-        msgtype, title, text, at = validate_webhook_body(call.body)
+        raw = await call.request.body()
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise OapiError(40035, "缺少参数 json (the body is not valid JSON)") from None
+        call.record.request = body
+        msgtype, title, text, at = validate_webhook_body(body)
         state.add_bot_message(BotMessage(
             seq=state.next_seq(), conversation_id=session.conversation_id, via="sessionWebhook",
             msgtype=msgtype, text=text, title=title, created_ms=state.clock.epoch_ms(),
-            body=call.body, at=at))
+            body=body, at=at))
         return {"errcode": 0, "errmsg": "ok"}
