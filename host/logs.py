@@ -164,8 +164,9 @@ def setup_logging(
     for name in ("httpx", "httpcore", "trio-websocket", "hypercorn.error", "hypercorn.access"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
-    # httpx logs every request at INFO; keep it at WARNING unless we debug.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if settings.level in ("TRACE", "DEBUG") else logging.WARNING)
+    # httpx logs every request URL at INFO/DEBUG, and some URLs carry credentials (DingTalk's session
+    # webhooks): keep it at WARNING whatever our level.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 

@@ -18,10 +18,12 @@ import hashlib
 import hmac
 import json
 import string
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import msgspec
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -199,7 +201,12 @@ def _b64url(data: bytes) -> str:
 
 @st.composite
 def tokens(draw: st.DrawFn) -> str:
-    kind = draw(st.sampled_from(["garbage", "parts", "mutated", "hostile_claims"]))
+    kind = draw(st.sampled_from(["garbage", "parts", "mutated", "hostile_claims", "valid"]))
+    if kind == "valid":  # gets past authentication: routing, handlers and bodies are exercised
+        now = int(time.time())
+        claims = {"iss": "host-admin", "aud": "host-admin-api", "sub": draw(st.text(min_size=1, max_size=20)),
+                  "iat": now, "exp": now + 60}
+        return jwt.encode(claims, HS_SECRET, algorithm="HS256", headers={"kid": "hs"})
     if kind == "garbage":
         return draw(header_text)
     if kind == "parts":
@@ -233,12 +240,16 @@ def admin_requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes]:
         st.text(alphabet=string.ascii_letters + string.digits + "/._-~%", max_size=30),
     ))
     headers: dict[str, str] = {}
-    if draw(st.booleans()):
-        headers["Authorization"] = draw(st.sampled_from(["Bearer ", "bearer ", "Basic ", ""])) + draw(tokens())
-    for name in ("X-Host-Key-Id", "X-Host-Timestamp", "X-Host-Nonce", "X-Host-Signature", "Content-Length"):
-        if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 4)):
+        headers["Authorization"] = draw(st.sampled_from(["Bearer ", "Bearer ", "bearer ", "Basic ", ""])) + draw(tokens())
+    signature_headers = ("X-Host-Key-Id", "X-Host-Timestamp", "X-Host-Nonce", "X-Host-Signature")
+    mode = draw(st.sampled_from(["none", "none", "none", "all", "some"]))
+    for name in signature_headers:
+        if mode == "all" or (mode == "some" and draw(st.booleans())):
             headers[name] = draw(st.one_of(header_text, st.just("rk"), st.integers(-5, 10**12).map(str)))
     body = draw(st.binary(max_size=300))
+    if method == "POST" and path.rstrip("/") in ("/admin/reload", "/admin/audit/verify"):
+        method = "PUT"  # a real reload of this (not running) host is covered in test_admin.py
     return method, path, headers, body
 
 
@@ -250,8 +261,6 @@ async def test_admin_api_answers_hostile_requests_with_json_never_500(
 ) -> None:
     method, path, headers, body = request
     host = admin_host()
-    if "Content-Length" in headers:
-        headers.pop("Content-Length")  # httpx computes it; a lying Content-Length is tested below
     transport = httpx.ASGITransport(app=host.http.app, client=("127.0.0.1", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://admin.test") as client:
         response = await client.request(method, path, headers=headers, content=body)
@@ -294,7 +303,8 @@ def frames(draw: st.DrawFn) -> str | bytes:
         return json.dumps(draw(values), allow_nan=True)
     envelope: dict[str, Any] = {}
     if draw(st.booleans()):
-        envelope["type"] = draw(st.one_of(st.sampled_from(["SYSTEM", "EVENT", "CALLBACK", "OTHER"]), values))
+        # Scalars only: a list or object here hits a known bug (test_frame_type_of_any_json_type_...).
+        envelope["type"] = draw(st.one_of(st.sampled_from(["SYSTEM", "EVENT", "CALLBACK", "OTHER"]), scalars))
     if draw(st.booleans()):
         envelope["specVersion"] = draw(values)
     envelope["headers"] = draw(st.one_of(
@@ -367,6 +377,22 @@ def test_frame_decoder_survives_deeply_nested_json(where: str) -> None:
     errors = pytest.importorskip("host_dingtalk_connector.errors")
     depth = 1500 if where == "headers" else 5000  # 3 KB (within max_size) or 10 KB (over it)
     raw = '{"headers":{"messageId":' + "[" * depth + "]" * depth + "}}"
+    with pytest.raises(errors.FrameError):
+        frames_mod.decode_frame(raw, max_size=4096)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="known bug in host_dingtalk_connector.frames.decode_frame: `kind not in FRAME_TYPES` raises "
+    "TypeError (unhashable) when the frame's type is a JSON array or object; the fix is "
+    "`if not isinstance(kind, str) or kind not in FRAME_TYPES`.",
+)
+@pytest.mark.parametrize("kind", ["[]", "{}"])
+def test_frame_type_of_any_json_type_is_a_frame_error(kind: str) -> None:
+    frames_mod = pytest.importorskip("host_dingtalk_connector.frames", reason="the DingTalk connector is not installed")
+    errors = pytest.importorskip("host_dingtalk_connector.errors")
+    raw = '{"type": %s, "headers": {"messageId": "0", "topic": "/t"}, "data": "{}"}' % kind
     with pytest.raises(errors.FrameError):
         frames_mod.decode_frame(raw, max_size=4096)
 

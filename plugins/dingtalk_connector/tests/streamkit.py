@@ -136,3 +136,15 @@ def acks(emu: Emulator) -> list[dict[str, Any]]:
 
 def inbound_problems(emu: Emulator) -> list[dict[str, Any]]:
     return [p for c in emu.connections() for p in c["inboundProblems"]]
+
+
+class ExplodingResolver:
+    """A custom identity resolver with a bug for one user (``[dingtalk.identity] resolver``)."""
+
+    def __init__(self, settings: Any) -> None:
+        self.victim = settings.options.get("explode_for", "")
+
+    def resolve(self, ids: Any) -> str | None:
+        if ids.get("staffId") == self.victim:
+            raise KeyError("resolver bug")
+        return "site:" + ids.get("staffId", "?")

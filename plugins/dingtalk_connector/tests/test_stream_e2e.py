@@ -329,3 +329,20 @@ async def test_card_callback_becomes_an_event_and_is_acked_at_once() -> None:
             (event,) = recorder.events
             assert event.type == "card_callback" and event.id == sent["messageId"]
             assert event.payload["content"]["cardPrivateData"]["params"] == {"action": "accept"}
+
+
+@pytest.mark.anyio
+async def test_a_crashing_resolver_costs_one_message_not_the_connection(host_logs: Any) -> None:
+    recorder = Recorder(answer=False)
+    identity = {"resolver": "streamkit:ExplodingResolver", "options": {"explode_for": "user0666"}}
+    with trio.fail_after(LIMIT):
+        async with open_emulator() as emu, open_host(dingtalk_config(emu, identity=identity), ("recorder", recorder)) as running:
+            bad = await emu.send_user_message("boom", sender_staff_id="user0666")
+            assert (await emu.wait_for_ack(bad["messageId"]))["code"] == 500
+            good = await emu.send_user_message("fine")
+            assert (await emu.wait_for_ack(good["messageId"]))["verdict"] == "ok"
+            await wait_for(lambda: recorder.messages)
+            assert [(m.id, m.sender.identity) for m in recorder.messages] == [(good["msgId"], "site:user0001")]
+            assert len(emu.connections()) == 1
+            assert running.metric("host_dingtalk_bad_frames_total", app="default", reason="internal_error") == 1
+    assert any("resolver bug" in str(r["exception"]) for r in host_logs.errors())

@@ -153,6 +153,14 @@ class FrameRouter:
                 await self._system(link, frame, received)
         except FrameError as exc:
             await self._bad_frame(link, exc)
+        except Exception as exc:
+            # A bug (ours, or a custom identity resolver's) must not take the connection down.
+            self.metrics.bad_frames.labels(self.app.name, "internal_error").inc()
+            self._log.opt(exception=exc).error(
+                "{}: handling frame {} failed: {!r}", link.label, frame.message_id, exc
+            )
+            if await link.send(frames.ack_error(frame.message_id, 500, "client internal error")):
+                self.metrics.acks.labels(self.app.name, "error", "500").inc()
 
     async def _ack(self, link: Link, kind: str, text: str, received: float) -> None:
         if await link.send(text):
