@@ -61,7 +61,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from host.config import AdminKey, AdminSection
+from host.config import AdminKey, AdminSection, redact
 from host.errors import ConfigError
 from host.logs import logger
 
@@ -685,6 +685,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _json(status: int, payload: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    payload = redact(payload)  # known secret values masked wherever they hide (plugin errors...)
     try:
         body = msgspec.json.encode(payload)
     except (TypeError, msgspec.EncodeError):  # a value msgspec cannot encode: fall back to str()

@@ -531,6 +531,16 @@ class Config:
 
     def validate_section(self, name: str, schema: type[msgspec.Struct]) -> msgspec.Struct:
         """Validate ``[name]`` against ``schema``, store and return it (``ConfigError`` if invalid)."""
+        value = self.check_section(name, schema)
+        self._sections[name] = value
+        return value
+
+    def set_section(self, name: str, value: msgspec.Struct) -> None:
+        """Store an already validated section (hot reload swaps it in at the right moment)."""
+        self._sections[name] = value
+
+    def check_section(self, name: str, schema: type[msgspec.Struct]) -> msgspec.Struct:
+        """Validate ``[name]`` against ``schema`` without storing it (``ConfigError`` if invalid)."""
         raw = self.data.get(name, {})
         if not isinstance(raw, dict):
             raise ConfigError(f"{self.source}: [{name}]: expected a table, got {type(raw).__name__}")
@@ -538,7 +548,6 @@ class Config:
             value = msgspec.convert(raw, type=schema, dec_hook=_dec_hook, str_keys=True)
         except msgspec.ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc, name, self.source)) from None
-        self._sections[name] = value
         return value
 
     def unknown_sections(self) -> list[str]:

@@ -42,6 +42,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics: dict[str, Any] = {}
+        self._collectors: dict[str, list[Collector]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -83,7 +84,18 @@ class Metrics:
         return metric
 
     def register_collector(self, collector: Collector) -> None:
+        """Add a custom collector; it belongs to the calling plugin and goes away with it (reload)."""
+        from host.logs import current_plugin
+
         self.registry.register(collector)
+        self._collectors.setdefault(current_plugin.get(), []).append(collector)
+
+    def unregister_collectors(self, owner: str) -> int:
+        """Remove every collector ``owner`` registered (called when a plugin is unloaded)."""
+        collectors = self._collectors.pop(owner, [])
+        for collector in collectors:
+            self.registry.unregister(collector)
+        return len(collectors)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

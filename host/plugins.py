@@ -29,6 +29,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from host import hookspecs
+from host.config import redact
 from host.errors import IncompatiblePlugin, PluginError
 from host.logs import logger
 
@@ -181,6 +182,9 @@ class PluginManager:
         return self._set(record)
 
     def _set(self, record: PluginRecord) -> PluginRecord:
+        if record.error:
+            # Error texts come from plugin exceptions; they end up in listings, /admin and audit.
+            record.error = redact(record.error)
         self.records[record.name] = record
         if record.state != "loaded":
             log = logger.warning if record.state == "disabled" else logger.error

@@ -373,8 +373,8 @@ class Reloader:
             obj = loader()
             hooks = plugins.validate(name, obj)
             schemas = self._sections_of(name, obj)
-            for section, schema in schemas:
-                host.config.validate_section(section, schema)
+            # Validated now, stored only at the swap: the old version keeps reading its own.
+            sections = [(section, host.config.check_section(section, schema)) for section, schema in schemas]
         except (Exception, PluginError) as exc:
             _detach_modules(roots)
             sys.modules.update(saved)
@@ -384,6 +384,8 @@ class Reloader:
             plugins.set_record(PluginRecord(name, state="failed", error=error, source=source, **fields))
             return ReloadResult(name, "failed", None, fields.get("version"), error=error)
         new_record = PluginRecord(name, source=source, hooks=hooks, module_roots=roots, **fields)
+        old_schemas = {section: host.section_schemas[section] for section, _ in schemas
+                       if section in host.section_schemas}
 
         # Phase 2: swap.
         drained = True
@@ -394,6 +396,8 @@ class Reloader:
             old_connectors = host.connectors_of(name)
             old_obj = old.obj
             drained = await self._retire(name, old, keep_connectors=True)
+        for section, value in sections:
+            host.config.set_section(section, value)
         plugins.register(name, obj, new_record)
         plugins.set_record(new_record)
         for section, schema in schemas:
@@ -408,6 +412,10 @@ class Reloader:
                 plugins.set_record(PluginRecord(name, state="failed", error=error, source=source, **fields))
                 return ReloadResult(name, "failed", None, fields.get("version"), error=error)
             assert old is not None
+            for section, (owner, schema) in old_schemas.items():
+                # The section was validated with the new version's schema: back to the old one.
+                host.config.validate_section(section, schema)
+                host.section_schemas[section] = (owner, schema)
             plugins.register(name, old_obj, old)
             plugins.set_record(old)
             restarted = await host.dispatcher.call_plugin(name, "on_startup", host=host)
@@ -449,6 +457,7 @@ class Reloader:
     async def _remove(self, name: str) -> None:
         host = self.host
         await host.cancel_services(name)
+        host.metrics.unregister_collectors(name)
         host.http.remove_routes(name)
         host.set_middleware([(p, f) for p, f in host.middleware if p != name])
         if host.plugins.pm.has_plugin(name):

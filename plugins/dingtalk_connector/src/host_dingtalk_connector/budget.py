@@ -25,6 +25,8 @@ import trio
 
 __all__ = ["TokenBucket"]
 
+_EPSILON = 1e-9
+
 
 class TokenBucket:
     """``await acquire()`` waits for a token; ``on_rejected()`` / ``on_accepted()`` adapt the rate."""
@@ -100,9 +102,11 @@ class TokenBucket:
         self._refill(now)
         if now < self._paused_until:
             return self._paused_until - now + max(0.0, 1.0 - self._tokens) / self.rate
-        if self._tokens >= 1.0:
+        # Refills are float sums: 0.9999999999999998 tokens is a whole token.
+        if self._tokens >= 1.0 - _EPSILON:
             return 0.0
-        return (1.0 - self._tokens) / self.rate
+        # Never a wait shorter than the clock can represent (it would spin without time passing).
+        return max((1.0 - self._tokens) / self.rate, 1e-6)
 
     async def acquire(self, *, priority: bool = False) -> None:
         """Wait for a token (FIFO; ``priority`` waiters first)."""
