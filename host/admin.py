@@ -522,6 +522,13 @@ class AdminApi:
             raise ConfigError(f"[admin]: cannot serve the admin API: {exc}") from None
         self.mounted = True
         logger.info("admin API enabled under {} (keys: {})", ADMIN_PREFIX, ", ".join(sorted(auth.keys.keys)))
+        http = self._host.http.settings
+        if not http.tls and not _is_loopback(http.host_port()[0]):
+            logger.warning(
+                "the admin API is served over plain HTTP on {}: bearer tokens cross the network in clear; "
+                "set [http] tls_cert / tls_key (or keep [http] addr on loopback behind a TLS proxy)",
+                http.addr,
+            )
 
     # -- request handling --------------------------------------------------------------------
 
@@ -663,6 +670,13 @@ class AdminApi:
             "warnings": report.warnings,
             "seconds": round(report.elapsed, 3),
         }
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

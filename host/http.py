@@ -83,6 +83,7 @@ class HttpServer:
         self._host = host
         self.settings = settings
         self._url: str | None = None
+        self._live_ssl: ssl.SSLContext | None = None
         self._listening = trio.Event()
         # Each Starlette route with what we know about it (Starlette routes are not hashable).
         self._entries: list[tuple[BaseRoute, RouteInfo]] = []
@@ -205,6 +206,7 @@ class HttpServer:
         import hypercorn.trio
 
         ssl_context = self._ssl_context()  # before binding: a bad certificate leaves no socket behind
+        self._live_ssl = ssl_context
         try:
             # We bind the socket ourselves so that a failure is reported plainly (and the socket
             # closed); hypercorn then serves it through its documented ``fd://`` bind.
@@ -234,7 +236,21 @@ class HttpServer:
                 task_status.started(self._url)
         finally:
             self._url = None
+            self._live_ssl = None
             self._listening = trio.Event()
+
+    def reload_certificate(self) -> bool:
+        """Load ``tls_cert``/``tls_key`` again into the serving context: a renewed certificate is
+        served to new connections without a restart. ``False`` when not serving HTTPS; raises
+        ``TlsPolicyError`` (the running certificate stays) when the files are not a usable pair."""
+        context = self._live_ssl
+        if context is None:
+            return False
+        settings = self.settings
+        password = settings.tls_key_password.reveal() if settings.tls_key_password else None
+        server_context(settings.tls_cert, settings.tls_key, password=password)  # check before touching
+        context.load_cert_chain(settings.tls_cert, settings.tls_key, password=password)
+        return True
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """The server context for ``[http] tls_cert``/``tls_key`` (the host's TLS policy), or None."""

@@ -223,7 +223,10 @@ class Reloader:
     # -- reloading everything ----------------------------------------------------------------
 
     async def reload_all(self, *, reason: str) -> list[ReloadResult]:
-        """Reload the configuration, then every plugin whose installed version changed."""
+        """Reload the configuration, then every plugin whose installed version changed.
+
+        Also re-reads the HTTPS certificate and key (renewed in place, e.g. by certbot)."""
+        await self._reload_certificate(reason)
         results = await self.reload_config(reason=reason)
         current = self._entry_point_snapshot()
         changed = {
@@ -291,6 +294,18 @@ class Reloader:
         for plugin in sorted({host.section_schemas[n][0] for n in changed if n in host.section_schemas}):
             results.append(await self.reload_plugin(plugin, reason="config change"))
         return results
+
+    async def _reload_certificate(self, reason: str) -> None:
+        try:
+            reloaded = self.host.http.reload_certificate()
+        except ConfigError as exc:  # TlsPolicyError: the running certificate stays
+            logger.error("HTTPS certificate reload refused, keeping the running one: {}", exc)
+            await self.host.audit("config", "tls_certificate_refused", details={"error": str(exc), "reason": reason})
+            return
+        if reloaded:
+            logger.info("HTTPS certificate reloaded from {}", self.host.http.settings.tls_cert)
+            await self.host.audit("config", "tls_certificate_reload",
+                                  details={"cert": self.host.http.settings.tls_cert, "reason": reason})
 
     def _dropin_names(self) -> set[str]:
         root = Path(self.settings.plugins_dir)

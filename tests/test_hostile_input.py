@@ -392,7 +392,7 @@ def test_frame_decoder_survives_deeply_nested_json(where: str) -> None:
 def test_frame_type_of_any_json_type_is_a_frame_error(kind: str) -> None:
     frames_mod = pytest.importorskip("host_dingtalk_connector.frames", reason="the DingTalk connector is not installed")
     errors = pytest.importorskip("host_dingtalk_connector.errors")
-    raw = '{"type": %s, "headers": {"messageId": "0", "topic": "/t"}, "data": "{}"}' % kind
+    raw = '{"type": ' + kind + ', "headers": {"messageId": "0", "topic": "/t"}, "data": "{}"}'
     with pytest.raises(errors.FrameError):
         frames_mod.decode_frame(raw, max_size=4096)
 

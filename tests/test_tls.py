@@ -12,6 +12,7 @@ import datetime
 import functools
 import gc
 import ipaddress
+import json
 import ssl
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -176,7 +177,7 @@ class TlsServer:
 
 
 @asynccontextmanager
-async def tls_server(context: ssl.SSLContext, kind: Literal["http", "ws"]) -> AsyncIterator[TlsServer]:
+async def tls_server(context: ssl.SSLContext, kind: Literal["http", "ws", "openai"]) -> AsyncIterator[TlsServer]:
     server = TlsServer(0)
 
     async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
@@ -187,14 +188,16 @@ async def tls_server(context: ssl.SSLContext, kind: Literal["http", "ws"]) -> As
             return
         server.handshakes.append("ok")
         try:
-            if kind == "http":
+            if kind in ("http", "openai"):
                 data = b""
                 while b"\r\n\r\n" not in data:
                     chunk = await stream.receive_some(4096)
                     if not chunk:
                         return
                     data += chunk
-                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+                body = b"hello" if kind == "http" else OPENAI_ANSWER
+                head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                await stream.send_all(head.encode() + b"connection: close\r\n\r\n" + body)
                 await stream.aclose()
             else:
                 async with trio.open_nursery() as nursery:
@@ -213,6 +216,12 @@ async def tls_server(context: ssl.SSLContext, kind: Literal["http", "ws"]) -> As
         server.port = listeners[0].transport_listener.socket.getsockname()[1]
         yield server
         nursery.cancel_scope.cancel()
+
+
+OPENAI_ANSWER = json.dumps({
+    "id": "c1", "object": "chat.completion", "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "over TLS"}, "finish_reason": "stop"}],
+}).encode()
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -473,3 +482,59 @@ def test_no_code_turns_verification_off() -> None:
         text = path.read_text(encoding="utf-8")
         offenders += [f"{path.relative_to(root)}: {needle}" for needle in forbidden if needle in text]
     assert offenders == []
+
+
+@pytest.mark.anyio
+async def test_renewed_certificate_is_served_after_reload_without_restart(pki: Pki, tmp_path: Path) -> None:
+    config = https_config(pki, tmp_path)
+    cert_file, key_file = Path(config["http"]["tls_cert"]), Path(config["http"]["tls_key"])
+    renewed = pki.ca.issue_cert("127.0.0.1", "localhost")
+
+    async def served_serial(port: int) -> int:
+        stream = await tls.open_tls_stream("127.0.0.1", port, ssl_context=tls.client_context(pki.ca_file))
+        der = stream.getpeercert(binary_form=True)
+        await stream.aclose()
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    with trio.fail_after(DEADLINE):
+        async with open_test_host(config=config) as th:
+            port = int(th.host.http.url.rsplit(":", 1)[1])
+            before = await served_serial(port)
+            # Renewed in place (what certbot does), then SIGHUP / `python -m host reload`.
+            cert_file.write_bytes(b"".join(blob.bytes() for blob in renewed.cert_chain_pems))
+            key_file.write_bytes(renewed.private_key_pem.bytes())
+            await th.host.reloader.reload_all(reason="test")
+            after = await served_serial(port)
+            assert after != before
+            assert after == x509.load_pem_x509_certificate(renewed.cert_chain_pems[0].bytes()).serial_number
+            # A broken renewal is refused: the running certificate stays.
+            key_file.write_text("garbage")
+            await th.host.reloader.reload_all(reason="test")
+            assert await served_serial(port) == after
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("case", "trust_ca"), [("good", False), ("tls11", True), ("wrong_host", True), ("good", True)])
+async def test_the_nlp_bridge_connects_under_the_policy(pki: Pki, case: str, trust_ca: bool) -> None:
+    """End to end: the NLP bridge plugin's HTTPS client follows the host's policy and [tls] ca_file."""
+    bridge = pytest.importorskip("host_nlp_bridge.plugin", reason="the nlp_bridge plugin is not installed")
+    with trio.fail_after(DEADLINE):
+        async with tls_server(server_ctx(pki, case), "openai") as server:
+            config: dict[str, Any] = {"nlp_bridge": {
+                "default_backend": "llm", "stream": False, "reply_format": "text",
+                "backends": {"llm": {"base_url": f"https://127.0.0.1:{server.port}/v1", "model": "m",
+                                     "stream": False, "max_attempts": 1, "cache": "off"}},
+            }}
+            if trust_ca:
+                config["tls"] = {"ca_file": str(pki.ca_file)}
+            try:
+                async with open_test_host(("nlp_bridge", bridge), config=config) as th:
+                    (reply,) = (await th.send("hi")).texts
+            finally:
+                tls.configure(None)
+            handshake = await server.handshake(0)
+    if case == "good" and trust_ca:
+        assert reply == "over TLS" and handshake == "ok"
+    else:  # refused: an untrusted CA (the system store does not know the test CA), TLS 1.1, wrong name
+        assert reply != "over TLS" and handshake != "ok"

@@ -71,7 +71,7 @@ async def test_a_group_answer_streams_coalesced_into_a_card_and_is_finalized() -
 
 @pytest.mark.anyio
 async def test_a_1to1_answer_goes_to_the_users_robot_chat_and_mentions_in_groups_when_configured() -> None:
-    from host_dingtalk_connector.delivery import ReplySettings
+    from host_dingtalk_connector.replies import ReplySettings
 
     with trio.fail_after(LIMIT):
         async with open_emulator() as emu, open_outbound(
@@ -154,7 +154,7 @@ async def test_a_long_answer_ends_the_card_and_continues_in_messages() -> None:
             assert rest, "the rest of the answer must follow as a message"
             shown = card["text"].removesuffix("\n\n*(continued below)*")
             # Nothing lost: what the card shows plus the messages is the whole answer.
-            assert (shown + "".join(rest)).split() == full.split()
+            assert (shown + "\n" + "\n".join(rest)).split() == full.split()
 
 
 @pytest.mark.anyio
@@ -173,7 +173,7 @@ async def test_content_too_large_halves_the_card_budget_and_nothing_is_lost() ->
             assert "200092" in [c["code"] for c in calls(emu, STREAMING_API)]
             rest = [m["text"] for m in emu.bot_messages(sent["conversationId"]) if m["via"] != "card"]
             shown = card["text"].removesuffix("\n\n*(continued below)*")
-            assert (shown + "".join(rest)).replace(" ", "") == text.replace(" ", "")
+            assert (shown + "".join(rest)).replace(" ", "").replace("\n", "") == text.replace(" ", "")
 
 
 @pytest.mark.anyio

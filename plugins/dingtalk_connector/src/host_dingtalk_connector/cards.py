@@ -45,6 +45,7 @@ from host_dingtalk_connector.budget import TokenBucket
 from host_dingtalk_connector.errors import OpenApiError, ReplyError
 from host_dingtalk_connector.retry import RetrySettings
 from host_dingtalk_connector.sizing import utf8_len, utf8_prefix
+from host_dingtalk_connector.tasks import TaskRunner
 
 if TYPE_CHECKING:
     from host_dingtalk_connector.metrics import OutboundMetrics
@@ -114,9 +115,16 @@ class CardSettings(msgspec.Struct, forbid_unknown_fields=True):
 class CollectedStream:
     """A streamed reply collected and sent as one markdown message when it ends."""
 
-    def __init__(self, deliver: Deliver, *, empty_text: str) -> None:
+    def __init__(
+        self,
+        deliver: Deliver,
+        *,
+        empty_text: str,
+        on_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._deliver = deliver
         self._empty_text = empty_text
+        self._on_end = on_end
         self._chunks: list[str] = []
         self._ended = False
 
@@ -126,16 +134,20 @@ class CollectedStream:
         self._chunks.append(chunk)
 
     async def finish(self) -> None:
-        if not self._ended:
-            self._ended = True
-            await self._deliver(Reply.markdown("".join(self._chunks) or self._empty_text))
+        await self._end("".join(self._chunks) or self._empty_text)
 
     async def fail(self, note: str) -> None:
-        if not self._ended:
-            self._ended = True
-            await self._deliver(
-                Reply.markdown(("".join(self._chunks) + note).strip() or self._empty_text)
-            )
+        await self._end(("".join(self._chunks) + note).strip() or self._empty_text)
+
+    async def _end(self, text: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            await self._deliver(Reply.markdown(text))
+        finally:
+            if self._on_end is not None:
+                await self._on_end()
 
 
 class AICardStream:
@@ -383,7 +395,7 @@ class AICardStream:
             overflow = await self._finalize(text, error=error)
             # Only now: a cancelled finalize leaves the card open for the service's last sweep.
             self.completed = True
-        self.service.closed(self)
+        await self.service.closed(self)
         # The card could not be ended: the user still gets the whole answer as a message.
         rest = text if overflow is None else overflow
         if rest.strip():
@@ -434,11 +446,12 @@ _ONE_ATTEMPT = RetrySettings(attempts=1, deadline=30.0)
 
 
 class CardService:
-    """Opens streamed replies and runs the coalescing update loops of AI cards.
+    """Opens streamed replies; runs each AI card's coalescing update loop in a ``TaskRunner``.
 
-    ``run`` is a service (started by the plugin with ``host.start_service``): it owns the nursery in
-    which each card's update loop runs, and when it stops it finalizes (marks failed) every card
-    still open. Without it running, cards still work but show the answer only when it is complete.
+    The runner (``attach``) is a host service of the plugin: it outlives the connector, so cards keep
+    streaming while the host drains its replies at shutdown. Without a runner, cards still work but
+    show the answer only when it is complete. ``end_all`` ends every card still open (the plugin's
+    ``on_shutdown``); ``retire`` (plugin reload) lets open streams finish and then calls ``on_idle``.
     """
 
     def __init__(
@@ -460,28 +473,38 @@ class CardService:
         self.final_retry = RetrySettings(
             attempts=6, base_delay=0.25, max_delay=2.0, deadline=settings.finalize_timeout
         )
-        self._nursery: trio.Nursery | None = None
+        self.runner: TaskRunner | None = None
         self._open: set[AICardStream] = set()
+        self._collected = 0
         self._buckets: dict[int, TokenBucket] = {}
+        self._on_idle: Callable[[], Awaitable[None]] | None = None
 
-    # -- service -------------------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run card update loops until cancelled; then end every card still open."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-            await self.end_all()
+    def attach(self, runner: TaskRunner) -> None:
+        """Run card update loops in ``runner`` from now on."""
+        self.runner = runner
+
+    @property
+    def open_streams(self) -> int:
+        """Streamed replies not ended yet (AI cards not finalized, collected replies not sent)."""
+        return len(self._open) + self._collected
+
+    def when_idle(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Call ``callback`` once no stream is open (at once if none is)."""
+        self._on_idle = callback
+
+    async def check_idle(self) -> None:
+        """Call the ``when_idle`` callback if no stream is open any more."""
+        if self._on_idle is not None and self.open_streams == 0:
+            callback, self._on_idle = self._on_idle, None
+            await callback()
 
     async def end_all(self) -> None:
         """End every card still open, marked failed with the shutdown note (bounded, shielded).
 
-        Called when the service stops and by the plugin's ``on_shutdown`` before the HTTP client
-        closes; the host normally ended every stream before.
+        The host normally ended every stream before (it finalizes streams it cancels); this is the
+        safety net for a stream whose last update was cut short.
         """
         if not self._open:
             return
@@ -492,7 +515,8 @@ class CardService:
 
     @property
     def running(self) -> bool:
-        return self._nursery is not None
+        """Whether intermediate updates run (a runner is attached and running)."""
+        return self.runner is not None and self.runner.running
 
     def template_for(self, app: str) -> str:
         return self._template_for(app)
@@ -518,8 +542,13 @@ class CardService:
         counter = self.metrics.card_qps_rejections.labels(app)
         return counter.inc
 
-    def closed(self, stream: AICardStream) -> None:
+    async def closed(self, stream: AICardStream) -> None:
         self._open.discard(stream)
+        await self.check_idle()
+
+    async def _collected_ended(self) -> None:
+        self._collected -= 1
+        await self.check_idle()
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -535,14 +564,21 @@ class CardService:
             self.bucket(client)
             if await stream.create(template):
                 self._open.add(stream)
-                if self._nursery is not None:
-                    self._nursery.start_soon(stream.pump, name=f"card {stream.out_track_id}")
+                if self.runner is None or not self.runner.spawn(
+                    stream.pump, name=f"card {stream.out_track_id}"
+                ):
+                    logger.debug(
+                        "card {}: no card runner; the card shows the answer when complete",
+                        stream.out_track_id,
+                    )
                 return stream
-        return CollectedStream(deliver, empty_text=self.empty_text)
+        self._collected += 1
+        return CollectedStream(deliver, empty_text=self.empty_text, on_end=self._collected_ended)
 
     def statistics(self) -> dict[str, Any]:
         return {
             "open_cards": len(self._open),
+            "open_collected": self._collected,
             "running": self.running,
             "budgets": {str(k): b.statistics() for k, b in self._buckets.items()},
         }

@@ -17,8 +17,11 @@ Several apps, each with its own connections, dedup scope and (issue 5) token cac
     client_id = "dingbbbb"
     client_secret = { env = "SUPPORT_SECRET" }
 
-Tuning lives in ``[dingtalk.stream]`` and identity mapping in ``[dingtalk.identity]``; every key is
-documented on its field below and in the plugin README.
+Tuning lives in ``[dingtalk.stream]``, identity mapping in ``[dingtalk.identity]``, and what the
+connector sends in ``[dingtalk.replies]``, ``[dingtalk.cards]`` (AI cards), ``[dingtalk.media]``,
+``[dingtalk.retry]`` and ``[dingtalk.budget]`` (their structs live next to the code that uses them:
+``replies``, ``cards``, ``media``, ``retry``, ``openapi``); every key is documented on its field and
+in the plugin README.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from dataclasses import dataclass
 import msgspec
 
 from host.config import Secret
+from host_dingtalk_connector.cards import CardSettings
 from host_dingtalk_connector.errors import DingTalkConfigError
+from host_dingtalk_connector.media import MediaSettings
+from host_dingtalk_connector.openapi import ApiBudgetSettings, default_oapi_endpoint
+from host_dingtalk_connector.replies import ReplySettings
+from host_dingtalk_connector.retry import RetrySettings
 
 __all__ = [
     "DEFAULT_OPENAPI_ENDPOINT",
@@ -118,6 +126,10 @@ class AppSettings(msgspec.Struct, forbid_unknown_fields=True):
     robot_code: str = ""
     #: Defaults to ``[dingtalk] openapi_endpoint``.
     openapi_endpoint: str = ""
+    #: Base of the old APIs (``/media/upload``); defaults to ``[dingtalk] oapi_endpoint``.
+    oapi_endpoint: str = ""
+    #: This app's AI card template; defaults to ``[dingtalk.cards] template_id``.
+    card_template_id: str = ""
 
 
 class DingTalkSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -131,9 +143,17 @@ class DingTalkSection(msgspec.Struct, forbid_unknown_fields=True):
     client_secret: Secret | None = None
     robot_code: str = ""
     openapi_endpoint: str = ""
+    #: Base of the old APIs (``/media/upload``): empty means ``https://oapi.dingtalk.com`` when
+    #: ``openapi_endpoint`` is DingTalk's, else ``openapi_endpoint`` itself (an emulator, a proxy).
+    oapi_endpoint: str = ""
     apps: dict[str, AppSettings] = msgspec.field(default_factory=dict)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     identity: IdentitySettings = msgspec.field(default_factory=IdentitySettings)
+    replies: ReplySettings = msgspec.field(default_factory=ReplySettings)
+    cards: CardSettings = msgspec.field(default_factory=CardSettings)
+    media: MediaSettings = msgspec.field(default_factory=MediaSettings)
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    budget: ApiBudgetSettings = msgspec.field(default_factory=ApiBudgetSettings)
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,10 @@ class AppConfig:
     client_secret: Secret
     robot_code: str
     openapi_endpoint: str
+    #: Base of the old APIs (``/media/upload``); empty: derived from ``openapi_endpoint``.
+    oapi_endpoint: str = ""
+    #: The AI card template of this app ("" = streamed replies are sent as one message).
+    card_template_id: str = ""
 
     def __repr__(self) -> str:
         return f"AppConfig(name={self.name!r}, client_id={self.client_id!r}, openapi_endpoint={self.openapi_endpoint!r})"
@@ -153,7 +177,9 @@ class AppConfig:
 def _endpoint(value: str, where: str) -> str:
     value = value.strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", value):
-        raise DingTalkConfigError(f"{where}: expected an http(s) URL like {DEFAULT_OPENAPI_ENDPOINT}, got {value!r}")
+        raise DingTalkConfigError(
+            f"{where}: expected an http(s) URL like {DEFAULT_OPENAPI_ENDPOINT}, got {value!r}"
+        )
     return value
 
 
@@ -164,7 +190,9 @@ def _check_stream(s: StreamSettings) -> None:
     )  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
-            raise DingTalkConfigError(f"[dingtalk.stream] {name}: must be > 0, got {getattr(s, name)}")
+            raise DingTalkConfigError(
+                f"[dingtalk.stream] {name}: must be > 0, got {getattr(s, name)}"
+            )
     if s.app_idle_timeout < 0:
         raise DingTalkConfigError("[dingtalk.stream] app_idle_timeout: must be >= 0 (0 disables)")
     if s.backoff_cap < s.backoff_base:
@@ -177,12 +205,18 @@ def _check_stream(s: StreamSettings) -> None:
         if getattr(s, name) < 1:
             raise DingTalkConfigError(f"[dingtalk.stream] {name}: must be at least 1")
     if s.transport_max_bytes <= s.max_frame_bytes:
-        raise DingTalkConfigError("[dingtalk.stream] transport_max_bytes: must be larger than max_frame_bytes")
+        raise DingTalkConfigError(
+            "[dingtalk.stream] transport_max_bytes: must be larger than max_frame_bytes"
+        )
     if not s.topics and not s.events:
-        raise DingTalkConfigError("[dingtalk.stream] topics: subscribe to at least one topic or enable events")
+        raise DingTalkConfigError(
+            "[dingtalk.stream] topics: subscribe to at least one topic or enable events"
+        )
 
 
-def resolve_apps(section: DingTalkSection, environ: Mapping[str, str] | None = None) -> list[AppConfig]:
+def resolve_apps(
+    section: DingTalkSection, environ: Mapping[str, str] | None = None
+) -> list[AppConfig]:
     """The apps to connect, with environment fallbacks applied.
 
     Config values win; what config leaves empty comes from ``DINGTALK_CLIENT_ID`` /
@@ -194,7 +228,11 @@ def resolve_apps(section: DingTalkSection, environ: Mapping[str, str] | None = N
     _check_stream(section.stream)
     if section.connector_name.strip() == "":
         raise DingTalkConfigError("[dingtalk] connector_name: must not be empty")
-    default_endpoint = section.openapi_endpoint or environ.get("DINGTALK_OPENAPI_ENDPOINT", "") or DEFAULT_OPENAPI_ENDPOINT
+    default_endpoint = (
+        section.openapi_endpoint
+        or environ.get("DINGTALK_OPENAPI_ENDPOINT", "")
+        or DEFAULT_OPENAPI_ENDPOINT
+    )
     default_endpoint = _endpoint(default_endpoint, "[dingtalk] openapi_endpoint")
     raw: list[tuple[str, str, AppSettings]] = []
     top_level = section.client_id or section.client_secret is not None
@@ -210,9 +248,14 @@ def resolve_apps(section: DingTalkSection, environ: Mapping[str, str] | None = N
             client_id=section.client_id or environ.get("DINGTALK_CLIENT_ID", "").strip(),
             client_secret=section.client_secret
             if section.client_secret is not None
-            else (Secret(env_secret.strip(), source="env:DINGTALK_CLIENT_SECRET") if env_secret else None),
+            else (
+                Secret(env_secret.strip(), source="env:DINGTALK_CLIENT_SECRET")
+                if env_secret
+                else None
+            ),
             robot_code=section.robot_code,
             openapi_endpoint=section.openapi_endpoint,
+            oapi_endpoint=section.oapi_endpoint,
         )
         if not single.client_id and single.client_secret is None:
             return []
@@ -221,12 +264,16 @@ def resolve_apps(section: DingTalkSection, environ: Mapping[str, str] | None = N
     seen_ids: set[str] = set()
     for name, where, app in raw:
         if not _APP_NAME.match(name):
-            raise DingTalkConfigError(f"{where}: app name must be 1-40 letters, digits, '_', '.' or '-'")
+            raise DingTalkConfigError(
+                f"{where}: app name must be 1-40 letters, digits, '_', '.' or '-'"
+            )
         client_id = app.client_id.strip()
         if not client_id:
             raise DingTalkConfigError(f"{where} client_id: missing (or set DINGTALK_CLIENT_ID)")
         if app.client_secret is None or not app.client_secret.reveal().strip():
-            raise DingTalkConfigError(f"{where} client_secret: missing (or set DINGTALK_CLIENT_SECRET)")
+            raise DingTalkConfigError(
+                f"{where} client_secret: missing (or set DINGTALK_CLIENT_SECRET)"
+            )
         if client_id in seen_ids:
             raise DingTalkConfigError(f"{where} client_id: the same app is configured twice")
         seen_ids.add(client_id)
@@ -234,15 +281,23 @@ def resolve_apps(section: DingTalkSection, environ: Mapping[str, str] | None = N
         # Stray whitespace in a pasted secret gives 401 authFailed (dify-on-dingtalk #28).
         if secret.reveal() != secret.reveal().strip():
             secret = Secret(secret.reveal().strip(), source="stripped")
+        openapi = (
+            _endpoint(app.openapi_endpoint, f"{where} openapi_endpoint")
+            if app.openapi_endpoint
+            else default_endpoint
+        )
+        oapi = app.oapi_endpoint or section.oapi_endpoint
         apps.append(
             AppConfig(
                 name=name,
                 client_id=client_id,
                 client_secret=secret,
                 robot_code=app.robot_code.strip() or client_id,
-                openapi_endpoint=_endpoint(app.openapi_endpoint, f"{where} openapi_endpoint")
-                if app.openapi_endpoint
-                else default_endpoint,
+                openapi_endpoint=openapi,
+                oapi_endpoint=_endpoint(oapi, f"{where} oapi_endpoint")
+                if oapi
+                else default_oapi_endpoint(openapi),
+                card_template_id=(app.card_template_id or section.cards.template_id).strip(),
             )
         )
     return apps

@@ -12,11 +12,17 @@ Lifecycle (driven by the host)::
     await connector.stop()                        # stop reading, let in-flight events finish
                                                   # and ACK, close sockets with 1000; returns
                                                   # when serve has returned
-    await connector.aclose()                      # close the reply HTTP client (plugin on_shutdown)
+    await connector.aclose()                      # end open cards, close the HTTP client
+                                                  # (plugin on_shutdown, after replies drained)
+
+Everything the connector sends (replies through the session webhook or the OpenAPI, AI cards,
+proactive messages, media, access tokens) is ``self.outbound`` (``outbound.Outbound``); it keeps
+working after ``stop()``, while the host drains its replies.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,12 +32,17 @@ import trio
 from host.logs import logger
 from host.metrics import Metrics
 from host.model import Conversation, Message, Reply
+from host_dingtalk_connector.cards import CardSettings
 from host_dingtalk_connector.config import AppConfig, StreamSettings
 from host_dingtalk_connector.convert import PLATFORM
 from host_dingtalk_connector.dedup import DedupCache
 from host_dingtalk_connector.identity import IdentityResolver, NullResolver
+from host_dingtalk_connector.media import MediaSettings
 from host_dingtalk_connector.metrics import ConnectorMetrics
-from host_dingtalk_connector.replies import Outbox
+from host_dingtalk_connector.openapi import ApiBudgetSettings
+from host_dingtalk_connector.outbound import Outbound
+from host_dingtalk_connector.replies import ReplySettings
+from host_dingtalk_connector.retry import RetrySettings
 from host_dingtalk_connector.router import FrameRouter
 from host_dingtalk_connector.stream import AppStream, make_ssl_context
 
@@ -56,6 +67,11 @@ class DingTalkConnector:
         resolver: IdentityResolver | None = None,
         ssl_context: ssl.SSLContext | None = None,
         rng: Callable[[], float] | None = None,
+        replies: ReplySettings | None = None,
+        cards: CardSettings | None = None,
+        media: MediaSettings | None = None,
+        retry: RetrySettings | None = None,
+        budget: ApiBudgetSettings | None = None,
     ) -> None:
         if not apps:
             raise ValueError("DingTalkConnector needs at least one app")
@@ -65,7 +81,19 @@ class DingTalkConnector:
         self.metrics = ConnectorMetrics(metrics or Metrics())
         self.resolver = resolver or NullResolver()
         self.ssl_context = ssl_context or make_ssl_context()
-        self.outbox = Outbox(ssl_context=self.ssl_context)
+        self.outbound = Outbound(
+            apps,
+            connector_name=name,
+            metrics=metrics,
+            replies=replies,
+            cards=cards,
+            media=media,
+            retry=retry,
+            budget=budget,
+            ssl_context=self.ssl_context,
+            templates={app.name: app.card_template_id for app in apps},
+            oapi_endpoints={app.name: app.oapi_endpoint for app in apps if app.oapi_endpoint},
+        )
         self.streams: dict[str, AppStream] = {}
         self._rng = rng
         self._stop = trio.Event()
@@ -77,14 +105,18 @@ class DingTalkConnector:
 
     # -- Connector protocol -------------------------------------------------------------------------
 
-    async def serve(self, intake: Intake, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, intake: Intake, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Connect every app and serve until ``stop()``."""
         self._serving = True
         settings = self.settings
         try:
             async with trio.open_nursery() as nursery:
                 for app in self.apps.values():
-                    dedup = DedupCache(ttl=settings.dedup_ttl, max_entries=settings.dedup_max_entries)
+                    dedup = DedupCache(
+                        ttl=settings.dedup_ttl, max_entries=settings.dedup_max_entries
+                    )
                     self.metrics.dedup_entries.labels(app.name).set_function(dedup.__len__)
                     router = FrameRouter(
                         app=app,
@@ -94,9 +126,16 @@ class DingTalkConnector:
                         resolver=self.resolver,
                         dedup=dedup,
                         metrics=self.metrics,
-                        on_accepted=self.outbox.remember,
+                        on_accepted=self.outbound.remember,
                     )
-                    stream = AppStream(app, settings, router, self.metrics, ssl_context=self.ssl_context, rng=self._rng)
+                    stream = AppStream(
+                        app,
+                        settings,
+                        router,
+                        self.metrics,
+                        ssl_context=self.ssl_context,
+                        rng=self._rng,
+                    )
                     self.streams[app.name] = stream
                     nursery.start_soon(stream.run)
                 with trio.move_on_after(settings.startup_wait):
@@ -126,24 +165,45 @@ class DingTalkConnector:
         return bool(self.streams) and all(s.is_ready() for s in self.streams.values())
 
     async def deliver(self, message: Message, reply: Reply) -> None:
-        await self.outbox.deliver(message, reply)
+        """Answer ``message``: its session webhook, else the robot OpenAPI (``ReplyError`` if neither)."""
+        await self.outbound.deliver(message, reply)
 
     async def open_stream(self, message: Message) -> ReplyStream:
-        return await self.outbox.open_stream(message)
+        """An AI card when a card template is configured, else one markdown message at the end."""
+        return await self.outbound.open_stream(message)
 
     async def send(self, target: Conversation, reply: Reply, *, app_id: str | None = None) -> None:
-        if app_id is not None and app_id not in self.apps:
-            # Accept the client id as well as the configured name.
-            by_client = {a.client_id: a.name for a in self.apps.values()}
-            app_id = by_client.get(app_id, app_id)
-        await self.outbox.send(target, reply, app_id=app_id)
+        """A proactive message through the robot OpenAPI (``app_id``: configured name or client id)."""
+        await self.outbound.send(target, reply, app_id=app_id)
 
     # -- extras --------------------------------------------------------------------------------------
 
+    async def send_media(
+        self,
+        to: Message | Conversation,
+        path: str | os.PathLike[str],
+        *,
+        kind: str = "image",
+        app_id: str | None = None,
+    ) -> None:
+        """Upload a local file and send it into ``to``'s chat as an image (``kind="image"``) or file."""
+        await self.outbound.send_media(to, path, kind=kind, app_id=app_id)
+
+    async def upload_media(
+        self, path: str | os.PathLike[str], *, kind: str = "image", app_id: str | None = None
+    ) -> str:
+        """Upload a local file (image, voice, video, file); returns the DingTalk media id."""
+        return await self.outbound.upload_media(path, kind=kind, app_id=app_id)
+
+    async def download_media(self, message: Message, directory: str | os.PathLike[str]) -> int:
+        """Download the files of ``message`` into ``directory`` now (fills ``Media.path``)."""
+        return await self.outbound.download_media(message, directory)
+
     async def aclose(self) -> None:
-        """Release the reply client. Safe to call more than once."""
-        await self.outbox.aclose()
+        """Host shutdown: end AI cards still open, close the HTTP client. Safe to call twice."""
+        await self.outbound.aclose()
 
     def statistics(self) -> dict[str, Any]:
-        """Per-app connection and dedup state, for introspection and tests."""
+        """Per-app connection and dedup state, for introspection and tests (``outbound.statistics()``
+        has tokens and cards)."""
         return {name: stream.statistics() for name, stream in self.streams.items()}

@@ -11,8 +11,9 @@
     └── uploader         MediaUploader: ``/media/upload`` for images and files the bot sends
 
 The connector calls ``remember`` (on the reader, for every accepted message: cheap, never raises),
-``deliver``, ``open_stream``, ``send``, and the plugin runs ``run`` as a host service and
-``aclose`` at shutdown (after the host drained its replies).
+``deliver``, ``open_stream``, ``send``. The plugin ``attach``-es its ``TaskRunner`` (a host service
+running the cards' update loops) and calls ``aclose`` at host shutdown (after the host drained its
+replies), or ``retire`` when the plugin is reloaded (streams still open finish first).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from host.logs import logger
 from host.metrics import Metrics
 from host.model import Conversation, Message, Reply
 from host_dingtalk_connector.cards import CardService, CardSettings
-from host_dingtalk_connector.delivery import ReplySender, ReplySettings
 from host_dingtalk_connector.errors import OpenApiError, ReplyError
 from host_dingtalk_connector.media import MediaDownloader, MediaSettings, MediaUploader
 from host_dingtalk_connector.metrics import OutboundMetrics
 from host_dingtalk_connector.openapi import ApiBudgetSettings, OpenApiClient
+from host_dingtalk_connector.replies import ReplySender, ReplySettings
 from host_dingtalk_connector.retry import RetrySettings
+from host_dingtalk_connector.tasks import TaskRunner
 from host_dingtalk_connector.tokens import AccessTokens
 
 if TYPE_CHECKING:
@@ -111,14 +113,25 @@ class Outbound:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
+    def attach(self, runner: TaskRunner) -> None:
+        """Run the AI cards' update loops in ``runner`` (the plugin's host service)."""
+        self.cards.attach(runner)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The card service (coalescing update loops); a host service of the plugin."""
-        await self.cards.run(task_status=task_status)
+        """Run a private ``TaskRunner`` for the cards until cancelled (for embedding and tests)."""
+        runner = TaskRunner()
+        self.attach(runner)
+        await runner.run(task_status=task_status)
 
     async def aclose(self) -> None:
-        """End cards still open, then close the HTTP client. Safe to call more than once."""
+        """Host shutdown: end cards still open, then close the HTTP client. Safe to call twice."""
         await self.cards.end_all()
         await self.http.aclose()
+
+    async def retire(self) -> None:
+        """Plugin reload: streams already open finish normally; the HTTP client closes after them."""
+        self.cards.when_idle(self.http.aclose)
+        await self.cards.check_idle()
 
     # -- what the connector calls --------------------------------------------------------------------
 

@@ -1,29 +1,44 @@
-"""The ``dingtalk_connector`` plugin: configuration section and the Stream connector.
+"""The ``dingtalk_connector`` plugin: configuration section, the Stream connector, the demo.
 
 Entry point ``host.plugins: dingtalk_connector = "host_dingtalk_connector.plugin"``.
 
 * ``register_config_sections``: ``[dingtalk]`` (``host_dingtalk_connector.config.DingTalkSection``).
+* ``register_commands``: ``python -m host demo`` (``host_dingtalk_connector.demo``).
 * ``register_connectors``: one ``DingTalkConnector`` serving every configured app; nothing when no
   credentials are configured (config or ``DINGTALK_CLIENT_ID`` / ``DINGTALK_CLIENT_SECRET``) or
   ``enabled = false``. A configuration error raises (the host logs it and starts without us).
-* ``on_shutdown``: closes the reply HTTP client, after the host drained its replies.
+* ``register_middleware``: downloads the files of incoming messages before plugins see them
+  (``Media.path``), and deletes them once the message is handled.
+* ``on_startup``: starts the ``TaskRunner`` in which AI cards stream their updates (a host service,
+  so it outlives the connector while the host drains replies at shutdown).
+* ``on_shutdown``: at host shutdown, ends AI cards still open and closes the HTTP client (after the
+  host drained its replies); when only this plugin is reloaded, lets open replies finish first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from host import hookimpl
 from host.logs import logger
 from host_dingtalk_connector.config import DingTalkSection, resolve_apps
 from host_dingtalk_connector.connector import DingTalkConnector
 from host_dingtalk_connector.identity import load_resolver
+from host_dingtalk_connector.tasks import TaskRunner
 
 if TYPE_CHECKING:
     from host.runtime import Host
 
 host_api = ">=1.0,<2"
+
+#: The card runner of each running host (this module is imported afresh when the plugin reloads).
+_runners: WeakKeyDictionary[Host, TaskRunner] = WeakKeyDictionary()
+
+
+def _connectors(host: Host) -> list[DingTalkConnector]:
+    return [c for c in host.connectors.values() if isinstance(c, DingTalkConnector)]
 
 
 @hookimpl
@@ -45,7 +60,22 @@ def register_connectors(host: Host, register: Callable[..., None]) -> None:
         )
         return
     resolver = load_resolver(section.identity)
-    register(DingTalkConnector(section.connector_name, apps, section.stream, metrics=host.metrics, resolver=resolver))
+    connector = DingTalkConnector(
+        section.connector_name,
+        apps,
+        section.stream,
+        metrics=host.metrics,
+        resolver=resolver,
+        replies=section.replies,
+        cards=section.cards,
+        media=section.media,
+        retry=section.retry,
+        budget=section.budget,
+    )
+    runner = _runners.get(host)
+    if runner is not None:  # a reload: on_startup ran before the connectors were registered
+        connector.outbound.attach(runner)
+    register(connector)
     logger.info(
         "dingtalk connector {}: app(s) {} via {}",
         section.connector_name,
@@ -55,7 +85,38 @@ def register_connectors(host: Host, register: Callable[..., None]) -> None:
 
 
 @hookimpl
+def register_commands(register: Callable[..., None]) -> None:
+    from host_dingtalk_connector.demo import configure_parser, run_demo
+
+    register(
+        "demo",
+        run_demo,
+        help="chat with your bot in the terminal, against a local DingTalk emulator (no credentials)",
+        configure=configure_parser,
+    )
+
+
+@hookimpl
+def register_middleware(host: Host, register: Callable[..., None]) -> None:
+    for connector in _connectors(host):
+        register(connector.outbound.media_middleware())
+
+
+@hookimpl
+async def on_startup(host: Host) -> None:
+    runner = TaskRunner()
+    await host.start_service(runner.run, name="dingtalk card updates")
+    _runners[host] = runner
+    for connector in _connectors(host):
+        connector.outbound.attach(runner)
+
+
+@hookimpl
 async def on_shutdown(host: Host) -> None:
-    for connector in host.connectors.values():
-        if isinstance(connector, DingTalkConnector):
+    # host.started: the host keeps running and only this plugin is being unloaded or reloaded.
+    reloading = host.started
+    for connector in _connectors(host):
+        if reloading:
+            await connector.outbound.retire()
+        else:
             await connector.aclose()

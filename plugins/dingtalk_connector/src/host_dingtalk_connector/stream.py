@@ -45,6 +45,7 @@ from trio_websocket import (
 )
 
 from host.logs import logger
+from host.tls import client_context
 from host_dingtalk_connector.backoff import Backoff
 from host_dingtalk_connector.errors import ConnectError, HandshakeFailed, RegistrationError
 from host_dingtalk_connector.metrics import CONNECTION_STATES
@@ -64,10 +65,9 @@ _PLANNED = frozenset({"disconnect", "app_idle"})
 
 
 def make_ssl_context() -> ssl.SSLContext:
-    """Client TLS context: system CAs, hostname check, TLS 1.2 minimum."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    """Client TLS context: the host's TLS policy (``host.tls``: system CAs plus ``[tls] ca_file``,
+    hostname check, TLS 1.2 minimum, forward-secret AEAD ciphers)."""
+    return client_context()
 
 
 def _first_error(exc: BaseException) -> BaseException | None:

@@ -379,9 +379,15 @@ async def open_emulator(settings: EmulatorSettings | None = None, **overrides: A
     if overrides:
         settings = settings.replace(**overrides)
     emulator = Emulator(settings)
-    async with trio.open_nursery() as nursery:
-        await emulator._start(nursery)
-        try:
-            yield emulator
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await emulator._start(nursery)
+            try:
+                yield emulator
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The caller's own exception comes back wrapped by our nursery; hand it back as it was.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise

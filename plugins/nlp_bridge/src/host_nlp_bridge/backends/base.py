@@ -16,6 +16,7 @@ from typing import Protocol
 import httpx
 import trio
 
+from host.tls import client_context
 from host_nlp_bridge.config import BackendConfig
 from host_nlp_bridge.errors import (
     BackendHTTPError,
@@ -90,7 +91,10 @@ def make_client(settings: BackendConfig) -> httpx.AsyncClient:
         max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
     )
     # trust_env=False: proxies for a private NLP service come from explicit config, not a stray HTTP_PROXY.
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False)
+    # verify: the host's TLS policy (TLS 1.2+, verified certificates, [tls] ca_file for private CAs).
+    return httpx.AsyncClient(
+        timeout=timeout, limits=limits, trust_env=False, follow_redirects=False, verify=client_context()
+    )
 
 
 def auth_headers(settings: BackendConfig) -> dict[str, str]:
