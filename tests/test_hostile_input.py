@@ -364,13 +364,6 @@ def test_frame_decoder_gives_a_frame_or_a_frame_error(raw: str | bytes) -> None:
     msgspec.json.encode(message)  # a well-formed Message all the way down
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="known bug in host_dingtalk_connector.frames: msgspec raises RecursionError on JSON nested "
-    "deeper than ~1000 levels (2 KB of brackets), and decode_frame / _message_id_of only catch "
-    "DecodeError; the fix is to catch RecursionError there too and raise FrameError('not_json').",
-)
 @pytest.mark.parametrize("where", ["headers", "oversized"])
 def test_frame_decoder_survives_deeply_nested_json(where: str) -> None:
     frames_mod = pytest.importorskip("host_dingtalk_connector.frames", reason="the DingTalk connector is not installed")
@@ -381,13 +374,6 @@ def test_frame_decoder_survives_deeply_nested_json(where: str) -> None:
         frames_mod.decode_frame(raw, max_size=4096)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="known bug in host_dingtalk_connector.frames.decode_frame: `kind not in FRAME_TYPES` raises "
-    "TypeError (unhashable) when the frame's type is a JSON array or object; the fix is "
-    "`if not isinstance(kind, str) or kind not in FRAME_TYPES`.",
-)
 @pytest.mark.parametrize("kind", ["[]", "{}"])
 def test_frame_type_of_any_json_type_is_a_frame_error(kind: str) -> None:
     frames_mod = pytest.importorskip("host_dingtalk_connector.frames", reason="the DingTalk connector is not installed")

@@ -1,4 +1,5 @@
-"""Outbound replies through session webhooks, against the emulator's real sendBySession endpoint."""
+"""The connector's outbound surface (deliver, open_stream, send) inside a real host, against the
+emulator's real sendBySession and robot OpenAPIs."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from typing import Any
 import pytest
 import trio
 from host_dingtalk_connector.emulator import open_emulator
-from host_dingtalk_connector.errors import ReplyError
-from host_dingtalk_connector.replies import reply_body
-from streamkit import Recorder, dingtalk_config, open_host
+from host_dingtalk_connector.errors import OpenApiError, ReplyError
+from host_dingtalk_connector.replies import webhook_body
 
 from host.model import CardButton, Conversation, Reply
+from streamkit import Recorder, dingtalk_config, open_host
 
 LIMIT = 30
 
@@ -21,20 +22,22 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("trio", {})
 
 
-def test_reply_bodies() -> None:
-    assert reply_body(Reply.text_("hi")) == {"msgtype": "text", "text": {"content": "hi"}}
-    body = reply_body(Reply.markdown("# Build 42\n**passed**"))
+def test_webhook_bodies() -> None:
+    assert webhook_body(Reply.text_("hi")) == {"msgtype": "text", "text": {"content": "hi"}}
+    body = webhook_body(Reply.markdown("# Build 42\n**passed**"))
     assert body == {"msgtype": "markdown", "markdown": {"title": "Build 42", "text": "# Build 42\n**passed**"}}
-    one = reply_body(Reply.card("Release", "v1.2 ready", [CardButton("Open", "https://example.com")]))
+    one = webhook_body(Reply.card("Release", "v1.2 ready", [CardButton("Open", "https://example.com")]))
     assert one["actionCard"] == {
         "title": "Release",
         "text": "v1.2 ready",
         "singleTitle": "Open",
         "singleURL": "https://example.com",
     }
-    two = reply_body(Reply.card("Approve?", "...", [CardButton("Yes", "https://y"), CardButton("No", "https://n")]))
+    two = webhook_body(Reply.card("Approve?", "...", [CardButton("Yes", "https://y"), CardButton("No", "https://n")]))
     assert two["actionCard"]["btns"] == [{"title": "Yes", "actionURL": "https://y"}, {"title": "No", "actionURL": "https://n"}]
-    assert reply_body(Reply.card("T", "no buttons"))["msgtype"] == "markdown"
+    assert webhook_body(Reply.card("T", "no buttons"))["msgtype"] == "markdown"
+    mention = webhook_body(Reply.text_("done"), mention="manager1234")
+    assert mention == {"msgtype": "text", "text": {"content": "@manager1234 done"}, "at": {"atUserIds": ["manager1234"]}}
 
 
 @pytest.mark.anyio
@@ -53,7 +56,7 @@ async def test_replies_streams_mentions_and_proactive_sends() -> None:
             mention = Reply.text_("done")
             mention.mention_sender = True
             await connector.deliver(message, mention)
-            stream = await connector.open_stream(message)
+            stream = await connector.open_stream(message)  # no card template: one message at the end
             for chunk in ("Hello", ", ", "world"):
                 await stream.append(chunk)
             await stream.finish()
@@ -66,24 +69,20 @@ async def test_replies_streams_mentions_and_proactive_sends() -> None:
             replies = await emu.wait_for_bot_message(conversation, 4)
             assert [r["text"] for r in replies] == ["@user0001 done", "Hello, world", "partial\n(interrupted)", "proactive"]
             assert replies[0]["at"]["atUserIds"] == ["user0001"]
-            assert [r["msgtype"] for r in replies] == ["text", "markdown", "markdown", "text"]
+            assert [r["msgtype"] for r in replies] == ["text", "markdown", "markdown", "sampleText"]
+            assert [r["via"] for r in replies] == ["sessionWebhook"] * 3 + ["groupMessages"]  # proactive: OpenAPI
 
-            with pytest.raises(ReplyError, match="no recent session"):
+            with pytest.raises(OpenApiError, match="invalid.openConversationId"):
                 await connector.send(Conversation(id="cidUNKNOWN", type="group"), Reply.text_("x"))
-            with pytest.raises(ReplyError, match="no recent session"):
+            with pytest.raises(ReplyError, match="no DingTalk app named 'other'"):
                 await connector.send(Conversation(id=conversation, type="group"), Reply.text_("x"), app_id="other")
 
-            # DingTalk refusing an expired session is a ReplyError naming the errcode, not a crash.
+            # The session expired at DingTalk's side: the reply still arrives, through the OpenAPI.
             emu.faults.expire_sessions()
-            message.context["session_webhook_expires_ms"] = None
-            with pytest.raises(ReplyError, match="errcode"):
-                await connector.deliver(message, Reply.text_("too late"))
-            # Known to be expired locally: refused without a call.
-            message.context["session_webhook_expires_ms"] = 1
-            with pytest.raises(ReplyError, match="expired"):
-                await connector.deliver(message, Reply.text_("too late"))
+            await connector.deliver(message, Reply.text_("late answer"))
+            late = (await emu.wait_for_bot_message(conversation, 5))[-1]
+            assert (late["via"], late["text"]) == ("groupMessages", "late answer")
+            # Without any session webhook, the OpenAPI answers too.
             message.context.pop("session_webhook")
-            with pytest.raises(ReplyError, match="no session webhook"):
-                await connector.deliver(message, Reply.text_("nowhere"))
-            with pytest.raises(ReplyError, match="no session webhook"):
-                await connector.open_stream(message)
+            await connector.deliver(message, Reply.text_("no webhook"))
+            assert (await emu.wait_for_bot_message(conversation, 6))[-1]["via"] == "groupMessages"

@@ -30,6 +30,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import msgspec
 
@@ -40,6 +41,7 @@ from host_dingtalk_connector.media import MediaSettings
 from host_dingtalk_connector.openapi import ApiBudgetSettings, default_oapi_endpoint
 from host_dingtalk_connector.replies import ReplySettings
 from host_dingtalk_connector.retry import RetrySettings
+from host_dingtalk_connector.webhook import WebhookSettings
 
 __all__ = [
     "DEFAULT_OPENAPI_ENDPOINT",
@@ -154,6 +156,10 @@ class DingTalkSection(msgspec.Struct, forbid_unknown_fields=True):
     media: MediaSettings = msgspec.field(default_factory=MediaSettings)
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
     budget: ApiBudgetSettings = msgspec.field(default_factory=ApiBudgetSettings)
+    #: How bot messages arrive: ``stream`` (the Stream WebSocket), ``webhook`` (signed HTTP callbacks
+    #: on the host's HTTP server, ``[dingtalk.webhook]``; see ``webhook.py``) or ``both``.
+    mode: Literal["stream", "webhook", "both"] = "stream"
+    webhook: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
 
 
 @dataclass(frozen=True)

@@ -99,13 +99,15 @@ class Frame:
             ) from None
         except msgspec.DecodeError as exc:
             raise FrameError("data_not_json", f"data is not JSON ({exc})", message_id=self.message_id) from None
+        except RecursionError:
+            raise FrameError("data_not_json", "data is nested too deeply", message_id=self.message_id) from None
 
 
 def _message_id_of(raw: str | bytes) -> str | None:
     """Best effort: the ``headers.messageId`` of an otherwise unusable frame (for logs and ACKs)."""
     try:
         headers = _headers_decoder.decode(raw).headers
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(headers, dict):
         value = headers.get("messageId")
@@ -131,6 +133,9 @@ def decode_frame(raw: str | bytes, *, max_size: int) -> Frame:
         raise FrameError("not_object", "frame is JSON but not an object") from None
     except msgspec.DecodeError as exc:
         raise FrameError("not_json", f"frame is not JSON ({exc})") from None
+    except RecursionError:
+        # msgspec recurses per nesting level: ~2 KB of brackets is enough to exhaust the stack.
+        raise FrameError("not_json", "frame is nested too deeply") from None
     headers = envelope.headers
     if not isinstance(headers, dict) or not headers:
         raise FrameError("missing_headers", "frame has no headers object")
@@ -140,7 +145,7 @@ def decode_frame(raw: str | bytes, *, max_size: int) -> Frame:
     # Header values are strings on the wire; tolerate numbers (as the official Python SDK does).
     clean = {str(k): v if isinstance(v, str) else _encoder.encode(v).decode() for k, v in headers.items()}
     kind = envelope.type
-    if kind not in FRAME_TYPES:
+    if not isinstance(kind, str) or kind not in FRAME_TYPES:
         raise FrameError("unknown_type", f"unknown frame type {kind!r}", message_id=message_id)
     topic = clean.get("topic")
     if not topic:

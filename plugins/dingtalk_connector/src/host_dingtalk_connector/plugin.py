@@ -25,8 +25,10 @@ from host import hookimpl
 from host.logs import logger
 from host_dingtalk_connector.config import DingTalkSection, resolve_apps
 from host_dingtalk_connector.connector import DingTalkConnector
+from host_dingtalk_connector.errors import DingTalkConfigError
 from host_dingtalk_connector.identity import load_resolver
 from host_dingtalk_connector.tasks import TaskRunner
+from host_dingtalk_connector.webhook_connector import WebhookConnector
 
 if TYPE_CHECKING:
     from host.runtime import Host
@@ -60,7 +62,14 @@ def register_connectors(host: Host, register: Callable[..., None]) -> None:
         )
         return
     resolver = load_resolver(section.identity)
-    connector = DingTalkConnector(
+    if section.mode != "stream" and not host.http.enabled:
+        raise DingTalkConfigError(
+            f"[dingtalk] mode = {section.mode!r} receives HTTP callbacks on the host's HTTP server: "
+            "set [http] enabled = true (or mode = \"stream\")"
+        )
+    # Webhook mode (HTTP callbacks, webhook_connector.py) extends the Stream connector.
+    connector_class = DingTalkConnector if section.mode == "stream" else WebhookConnector
+    connector = connector_class(
         section.connector_name,
         apps,
         section.stream,
@@ -72,6 +81,8 @@ def register_connectors(host: Host, register: Callable[..., None]) -> None:
         retry=section.retry,
         budget=section.budget,
     )
+    if isinstance(connector, WebhookConnector):
+        connector.setup_webhook(host, section.webhook, receive_stream=section.mode == "both")
     runner = _runners.get(host)
     if runner is not None:  # a reload: on_startup ran before the connectors were registered
         connector.outbound.attach(runner)
