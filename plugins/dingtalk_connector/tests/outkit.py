@@ -83,3 +83,62 @@ def metric(metrics: Metrics, name: str, **labels: str) -> float:
 
 def calls(emu: Emulator, api: str) -> list[dict[str, Any]]:
     return emu.calls(api)
+
+
+def nlp_bridge_plugin() -> Any | None:
+    """The NLP bridge's plugin module when that plugin is installed (the e2e tests' answering side).
+
+    ``DINGTALK_TESTS_WITHOUT_NLP_BRIDGE=1`` pretends it is not (to run the stand-in locally).
+    """
+    import importlib.util
+    import os
+
+    if os.environ.get("DINGTALK_TESTS_WITHOUT_NLP_BRIDGE") or importlib.util.find_spec("host_nlp_bridge") is None:
+        return None
+    import host_nlp_bridge.plugin
+
+    return host_nlp_bridge.plugin
+
+
+@asynccontextmanager
+async def open_bot(
+    emu: Emulator,
+    *plugins: tuple[str, Any],
+    dingtalk: dict[str, Any] | None = None,
+    sections: dict[str, Any] | None = None,
+    host: dict[str, Any] | None = None,
+) -> AsyncIterator[Any]:
+    """A real host (the dingtalk plugin, ``plugins``) connected to ``emu``; yields the ``Host``.
+
+    ``dingtalk`` is merged into the ``[dingtalk]`` table, ``sections`` adds other tables (e.g.
+    ``nlp_bridge``), ``host`` into ``[host]``. The host is shut down on exit (and the run awaited).
+    """
+    from host_dingtalk_connector import plugin as dingtalk_plugin
+
+    from host.config import load_config
+    from host.runtime import build_host
+    from streamkit import QUIET_STREAM
+
+    data: dict[str, Any] = {
+        "logging": {"dir": ""},
+        "http": {"enabled": False},
+        "host": {"control_socket": "", "reload": {"watch_entry_points": False}, "shutdown_timeout": 10.0, **(host or {})},
+        "dingtalk": {
+            "client_id": emu.settings.client_id,
+            "client_secret": emu.settings.client_secret,
+            "openapi_endpoint": emu.base_url,
+            "stream": dict(QUIET_STREAM),
+            "retry": {"base_delay": 0.05, "max_delay": 0.5},
+            **(dingtalk or {}),
+        },
+        **(sections or {}),
+    }
+    config = load_config(data=data, environ={})
+    running = build_host(config, plugins=[("dingtalk_connector", dingtalk_plugin), *plugins], entry_points=False)
+    assert "dingtalk" in running.connectors, "the dingtalk connector was not registered"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(running.run)
+        try:
+            yield running
+        finally:
+            running.request_shutdown()

@@ -318,8 +318,11 @@ async def test_media_upload_takes_multipart_and_old_style_tokens() -> None:
             too_big = await http.post("/media/upload", params={"access_token": token}, data={"type": "voice"},
                                       files={"media": ("a.amr", b"0" * (2 * 1024 * 1024 + 1))})
             assert too_big.json()["errcode"] == 40006
-            missing = await http.post("/media/upload", params={"access_token": token}, data={"type": "file"})
+            missing = await http.post("/media/upload", params={"access_token": token}, data={"type": "file"},
+                                      files={"attachment": ("a.txt", b"x")})
             assert missing.json()["errcode"] == 40035
+            not_multipart = await http.post("/media/upload", params={"access_token": token}, data={"type": "file"})
+            assert not_multipart.json()["errcode"] == 43004
             emu.faults.expire_tokens()
             expired = await http.post("/media/upload", params={"access_token": token}, data={"type": "image"},
                                       files={"media": ("a.png", b"x")})

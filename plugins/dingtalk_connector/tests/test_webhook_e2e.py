@@ -161,8 +161,8 @@ async def test_tampered_stale_replayed_and_forged_callbacks_are_refused(host_log
                 assert running.metric("host_dingtalk_webhook_requests_total", outcome=outcome) == 1, outcome
 
             # Audit: the first refusal at once, the rest summarised (audit_interval = 1 s here).
-            await trio.sleep(1.2)
-            await running.host._flush_audit()
+            while len(audit.security()) < 2:
+                await trio.sleep(0.05)
             actions = [e.action for e in audit.security()]
             assert actions[0] == "webhook_rejected" and actions[1:] == ["webhook_rejected_summary"], actions
             first, summary = audit.security()
@@ -316,3 +316,19 @@ def test_an_unknown_mode_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="mode"):
         build_host(load_config(data=data, environ={}), plugins=[("dingtalk_connector", dingtalk_plugin)],
                    entry_points=False)  # fmt: skip
+
+
+def test_bad_webhook_settings_are_config_errors_naming_the_key() -> None:
+    from host_dingtalk_connector import plugin as dingtalk_plugin
+
+    from host.config import load_config
+    from host.runtime import build_host
+
+    for webhook, key in (({"window_seconds": 0}, "window_seconds"), ({"path": "relative"}, "path"),
+                         ({"inline_reply_timeout": -1}, "inline_reply_timeout"), ({"unknown": 1}, "unknown")):  # fmt: skip
+        data = {"logging": {"dir": ""}, "http": {"enabled": True, "addr": "127.0.0.1:0"},
+                "host": {"control_socket": ""},
+                "dingtalk": {"client_id": "dingx", "client_secret": "s", "mode": "webhook", "webhook": webhook}}  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            build_host(load_config(data=data, environ={}), plugins=[("dingtalk_connector", dingtalk_plugin)],
+                       entry_points=False)  # fmt: skip

@@ -7,7 +7,12 @@ import inspect
 import pytest
 from host_dingtalk_connector import signing
 from host_dingtalk_connector.emulator.callbacks import sign_callback
-from host_dingtalk_connector.signing import ReplayGuard, SignatureError, compute_sign, match_signature
+from host_dingtalk_connector.signing import (
+    ReplayGuard,
+    SignatureError,
+    compute_sign,
+    match_signature,
+)
 from host_dingtalk_connector.webhook import RejectionReporter, WebhookSettings
 from hypothesis import given, settings
 from hypothesis import strategies as st

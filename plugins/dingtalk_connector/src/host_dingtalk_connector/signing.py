@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import heapq
+import hmac
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass

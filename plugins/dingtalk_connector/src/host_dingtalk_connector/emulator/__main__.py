@@ -6,6 +6,7 @@ The first line printed is the base URL (scripts can read it); the chat page is a
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -51,14 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(settings: EmulatorSettings) -> None:
     from .server import open_emulator
 
-    async with open_emulator(settings) as emu:
-        print(emu.base_url, flush=True)
-        print(f"  Stream gateway   {emu.gateway_url}", flush=True)
-        print(f"  client id        {settings.client_id}", flush=True)
-        print(f"  chat page        {emu.base_url}/", flush=True)
-        print(f"  control API      {emu.base_url}/_emulator/", flush=True)
-        print("  (Ctrl-C to stop)", flush=True)
-        await trio.sleep_forever()
+    # Ctrl-C / SIGTERM end the run through this receiver: a clean, ordinary shutdown.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_emulator(settings) as emu:
+            print(emu.base_url, flush=True)
+            print(f"  Stream gateway   {emu.gateway_url}", flush=True)
+            print(f"  client id        {settings.client_id}", flush=True)
+            print(f"  chat page        {emu.base_url}/", flush=True)
+            print(f"  control API      {emu.base_url}/_emulator/", flush=True)
+            print("  (Ctrl-C to stop)", flush=True)
+            async for _ in signals:
+                break
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ recorded as a bot message with ``via = "callbackResponse"`` (so ``wait_for_bot_m
 inline answers and session-webhook replies alike). Every POST is kept in ``records`` with its HTTP
 status, answer and outcome: ``answered`` (an inline reply), ``empty`` (200 without a reply),
 ``refused`` (any other status), ``bad_answer`` (200 with a body DingTalk would reject),
-``timeout`` (no answer within ``timeout``, DingTalk's 2.5 s) or ``error`` (connection failed).
+``timeout`` (no answer within ``answer_timeout``, DingTalk's 2.5 s) or ``error`` (connection failed).
 
 The signature is computed here from the reference, independently of the connector's code, so a
 mistake on either side shows up in tests.
@@ -28,15 +28,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 import httpx
 import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
-from .errors import EmulatorError, OapiError
+from .errors import EmulatorError, NotFound, OapiError
 from .messages import MSGTYPES, build_message, decode_file_spec
 from .state import BotMessage, UserMessage
 from .webhook import validate_webhook_body
@@ -44,7 +48,14 @@ from .webhook import validate_webhook_body
 if TYPE_CHECKING:
     from .server import Emulator
 
-__all__ = ["CALLBACK_TIMEOUT", "CallbackDriver", "CallbackRecord", "open_callbacks", "sign_callback"]
+__all__ = [
+    "CALLBACK_TIMEOUT",
+    "CallbackDriver",
+    "CallbackRecord",
+    "callback_routes",
+    "open_callbacks",
+    "sign_callback",
+]
 
 #: DingTalk gives an HTTP push about 2.5 s (reference 2.3).
 CALLBACK_TIMEOUT = 2.5
@@ -87,11 +98,13 @@ class CallbackRecord:
 class CallbackDriver:
     """Sends signed bot-message callbacks to bots in webhook mode, as DingTalk does."""
 
-    def __init__(self, emu: Emulator, *, timeout: float = CALLBACK_TIMEOUT) -> None:
+    def __init__(self, emu: Emulator, *, answer_timeout: float = CALLBACK_TIMEOUT,
+                 records: list[CallbackRecord] | None = None) -> None:
         self.emu = emu
-        self.timeout = timeout
-        self.records: list[CallbackRecord] = []
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout))
+        self.answer_timeout = answer_timeout
+        #: Every callback sent, in order (may be shared between drivers of the same emulator).
+        self.records: list[CallbackRecord] = [] if records is None else records
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(answer_timeout))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -222,7 +235,7 @@ class CallbackDriver:
         try:
             response = await self._http.post(record.url, content=record.body, headers=record.headers)
         except httpx.TimeoutException:
-            record.outcome, record.error = "timeout", f"no answer within {self.timeout} s"
+            record.outcome, record.error = "timeout", f"no answer within {self.answer_timeout} s"
             return self._done(record)
         except httpx.HTTPError as exc:
             record.outcome, record.error = "error", f"{type(exc).__name__}: {exc}"
@@ -259,10 +272,88 @@ class CallbackDriver:
 
 
 @asynccontextmanager
-async def open_callbacks(emu: Emulator, *, timeout: float = CALLBACK_TIMEOUT) -> AsyncIterator[CallbackDriver]:
+async def open_callbacks(emu: Emulator, *, answer_timeout: float = CALLBACK_TIMEOUT,
+                         records: list[CallbackRecord] | None = None) -> AsyncIterator[CallbackDriver]:
     """A ``CallbackDriver`` for ``emu`` whose HTTP client is closed afterwards."""
-    driver = CallbackDriver(emu, timeout=timeout)
+    driver = CallbackDriver(emu, answer_timeout=answer_timeout, records=records)
     try:
         yield driver
     finally:
         await driver.aclose()
+
+
+# --- control API ----------------------------------------------------------------------------------
+
+#: Callback records of each emulator sent through the control API (kept as long as the emulator).
+_CONTROL_RECORDS: WeakKeyDictionary[Emulator, list[CallbackRecord]] = WeakKeyDictionary()
+_SIGNING_KEYS: dict[str, type | tuple[type, ...]] = {"url": str, "secret": str, "timestampMs": int, "sign": str, "answerTimeout": (int, float)}
+
+
+def callback_routes(emu: Emulator) -> list[BaseRoute]:
+    """Control-API routes driving webhook mode (errors answer ``{"error"}`` with 400/404):
+
+    * ``POST /_emulator/webhook-callbacks``: ``{"url", "text", ...}`` (``url`` required; the message
+      fields of ``POST /_emulator/messages``; optional ``secret``, ``timestampMs``, ``sign``,
+      ``answerTimeout``): a user message POSTed, signed, to ``url``; answers the record.
+    * ``POST /_emulator/webhook-callbacks/{seq}/replay``: the same request again.
+    * ``GET /_emulator/webhook-callbacks``: every record.
+    """
+    records = _CONTROL_RECORDS.setdefault(emu, [])
+
+    def route(method: str, path: str, handler: Callable[[Request], Awaitable[Any]]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return JSONResponse(await handler(request))
+            except EmulatorError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+        return Route(path, endpoint, methods=[method])
+
+    async def send(request: Request) -> Any:
+        from .control import ControlApi
+
+        body = await _json_object(request)
+        signing: dict[str, Any] = {}
+        for key, kind in _SIGNING_KEYS.items():
+            value = body.pop(key, None)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise EmulatorError(f"{key!r} has the wrong type ({type(value).__name__})")
+            signing[key] = value
+        if not signing["url"]:
+            raise EmulatorError("'url' is required: the bot's callback URL")
+        if "topic" in body:
+            raise EmulatorError("'topic' does not apply: HTTP callbacks carry bot messages only")
+        kwargs = ControlApi._message_kwargs(body)
+        timeout = signing["answerTimeout"] or CALLBACK_TIMEOUT
+        async with open_callbacks(emu, answer_timeout=timeout, records=records) as driver:
+            record = await driver.send_user_message(
+                signing["url"], secret=signing["secret"], timestamp_ms=signing["timestampMs"],
+                sign=signing["sign"], **kwargs)  # fmt: skip
+        return record.to_dict()
+
+    async def replay(request: Request) -> Any:
+        seq = request.path_params["seq"]
+        original = next((r for r in records if str(r.seq) == seq), None)
+        if original is None:
+            raise NotFound(f"no callback record {seq!r}")
+        async with open_callbacks(emu, records=records) as driver:
+            return (await driver.replay(original)).to_dict()
+
+    async def listing(request: Request) -> Any:
+        return [r.to_dict() for r in records]
+
+    return [
+        route("POST", "/_emulator/webhook-callbacks", send),
+        route("GET", "/_emulator/webhook-callbacks", listing),
+        route("POST", "/_emulator/webhook-callbacks/{seq}/replay", replay),
+    ]
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        value = msgspec.json.decode(await request.body())
+    except msgspec.DecodeError as exc:
+        raise EmulatorError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise EmulatorError("request body must be a JSON object")
+    return value

@@ -138,6 +138,7 @@ class ControlApi:
 
     def _route(self, method: str, path: str, handler: Callable[[Request], Any]) -> Route:
         async def endpoint(request: Request) -> Response:
+            await request.body()  # consumed (and cached) even by handlers that ignore it
             try:
                 result = handler(request)
                 if isinstance(result, Awaitable):

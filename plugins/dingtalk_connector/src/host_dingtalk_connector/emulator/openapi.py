@@ -103,9 +103,10 @@ class OpenApi:
         async def endpoint(request: Request) -> Response:
             method = request.method
             body: Any = None
-            raw = b""
+            # Always read the whole body first: answering before it is consumed makes the server
+            # drop the keep-alive connection under a client that is about to reuse it.
+            raw = await request.body()
             if json_body and method in ("POST", "PUT", "PATCH"):
-                raw = await request.body()
                 try:
                     body = msgspec.json.decode(raw) if raw else None
                 except msgspec.DecodeError:
@@ -370,28 +371,70 @@ class OpenApi:
                         headers={"Content-Disposition": f'attachment; filename="{file_id}.file"'})
 
     async def media_upload(self, call: Call) -> Any:
-        try:
-            form = await call.request.form()
-        except Exception as exc:  # python-multipart raises several types for bad bodies
-            raise OapiError(40035, f"缺少参数 media: {exc}") from None
-        try:
-            kind = str(form.get("type") or call.request.query_params.get("type") or "")
-            media = form.get("media")
-            if kind not in _MEDIA_LIMITS:
-                raise OapiError(40004, f"不合法的媒体文件类型: type must be one of {', '.join(_MEDIA_LIMITS)}")
-            if media is None or isinstance(media, str):
-                raise OapiError(40035, "缺少参数 media (multipart file field)")
-            content = await media.read()
-            filename, mime = media.filename or "media", media.content_type or "application/octet-stream"
-        finally:
-            await form.close()  # uploads are spooled to temporary files
+        content_type = call.request.headers.get("content-type", "")
+        fields = parse_multipart(await call.request.body(), content_type)
+        kind = fields.get("type", (None, None, b""))[2].decode(errors="replace") or \
+            call.request.query_params.get("type", "")
+        if kind not in _MEDIA_LIMITS:
+            raise OapiError(40004, f"不合法的媒体文件类型: type must be one of {', '.join(_MEDIA_LIMITS)}")
+        media = fields.get("media")
+        if media is None or media[0] is None:
+            raise OapiError(40035, "缺少参数 media (multipart file field)")
+        filename, mime, content = media
         if len(content) > _MEDIA_LIMITS[kind]:
             raise OapiError(40006, f"不合法的文件大小: {len(content)} bytes")
-        stored = self.state.add_file(content, filename, mime, kind=kind, with_download_code=False,
-                                     with_media_id=True)
+        stored = self.state.add_file(content, filename or "media", mime or "application/octet-stream",
+                                     kind=kind, with_download_code=False, with_media_id=True)
         call.record.request = {"type": kind, "filename": stored.name, "size": len(content)}
         return {"errcode": 0, "errmsg": "ok", "media_id": stored.media_id,
                 "created_at": self.state.clock.epoch_ms(), "type": kind}
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, str | None, bytes]]:
+    """``multipart/form-data`` -> {field name: (file name or None, content type, bytes)}.
+
+    Parsed in memory with python-multipart's low-level parser (Starlette's ``form()`` spools big
+    uploads to disk through worker threads, which a virtual-clock test cannot wait for).
+    """
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise OapiError(43004, "无效的HTTP HEADER Content-Type (use multipart/form-data)")
+    parts: dict[str, tuple[str | None, str | None, bytes]] = {}
+    headers: dict[bytes, bytes] = {}
+    field, value, data = bytearray(), bytearray(), bytearray()
+
+    def on_header_end() -> None:
+        headers[bytes(field).lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    def on_part_end() -> None:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        name = disposition.get(b"name", b"").decode(errors="replace")
+        filename = disposition.get(b"filename")
+        part_type = headers.get(b"content-type")
+        parts[name] = (None if filename is None else filename.decode(errors="replace"),
+                       None if part_type is None else part_type.decode(errors="replace"), bytes(data))
+        headers.clear()
+        data.clear()
+
+    callbacks: Any = {
+        "on_header_field": lambda buf, start, end: field.extend(buf[start:end]),
+        "on_header_value": lambda buf, start, end: value.extend(buf[start:end]),
+        "on_header_end": on_header_end,
+        "on_part_data": lambda buf, start, end: data.extend(buf[start:end]),
+        "on_part_end": on_part_end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:  # python-multipart raises its own and ValueError for broken bodies
+        raise OapiError(40035, f"缺少参数 media: the multipart body is malformed ({exc})") from None
+    return parts
 
 
 def _oss_error(status: int, code: str, message: str) -> Response:

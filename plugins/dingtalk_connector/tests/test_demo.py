@@ -1,0 +1,135 @@
+"""``python -m host demo``: run as a user would, in a subprocess (stdin pipe and pseudo-terminal).
+
+Each run starts in an empty directory (the demo writes ``logs/demo.log`` there, and the audit plugin,
+when installed, its log) with no DingTalk credentials in the environment. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+LIMIT = 60.0
+HAS_BRIDGE = importlib.util.find_spec("host_nlp_bridge") is not None
+needs_bridge = pytest.mark.skipif(not HAS_BRIDGE, reason="the demo's answers come from the NLP bridge plugin")
+
+
+def demo_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DINGTALK_", "NLP_", "HOST_"))}  # fmt: skip
+    env.update(PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost", **extra)
+    return env
+
+
+def run_demo(cwd: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "host", "demo", "--port", "0", *args],
+        cwd=cwd, input=stdin, capture_output=True, text=True, timeout=LIMIT, env=env or demo_env(),
+    )  # fmt: skip
+
+
+@needs_bridge
+def test_say_prints_the_reply_and_exits_0(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--say", "hello there")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[echo] hello there\n"  # only the reply on stdout: usable in scripts
+    log = (tmp_path / "logs" / "demo.log").read_text()
+    assert "host started" in log and "connected to ws://127.0.0.1" in log
+    group = run_demo(tmp_path, "--say", "in a group", "--group")
+    assert (group.returncode, group.stdout) == (0, "[echo] in a group\n"), group.stderr
+
+
+def test_say_without_any_answer_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+    # Nothing answers when the NLP bridge is not allowed to load (or not installed).
+    env = demo_env(HOST_PLUGINS_DENY="nlp_bridge")
+    result = run_demo(tmp_path, "--say", "anyone?", "--timeout", "2", env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "no reply within 2s" in result.stderr
+
+
+def test_bad_configuration_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "host.toml").write_text("[dingtalk.cards]\nupdates_per_second = 50\n")
+    result = run_demo(tmp_path, "--say", "x", "--timeout", "5")
+    assert result.returncode == 2
+    assert "updates_per_second" in result.stderr
+
+
+@needs_bridge
+def test_interactive_chat_through_a_pipe(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, stdin="hello card\n/group\nin the group\n/nonsense\n/single\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"chat page  http://127\.0\.0\.1:\d+/", out)
+    assert "bot (AI card)> [echo] hello card\n" in out
+    assert "(now in a group chat)" in out and "you (group)> " in out
+    assert "bot (AI card)> [echo] in the group\n" in out
+    assert "unknown command /nonsense" in out
+    assert out.rstrip().endswith("bye")
+    assert "INFO" not in out and "INFO" not in result.stderr  # logs go to the file, not the terminal
+
+
+@needs_bridge
+def test_interactive_chat_in_a_terminal_streams_into_a_card_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """A pseudo-terminal: the prompt, a streamed answer, the card on the chat page, then Ctrl-C."""
+    # A slow echo, so the answer is still streaming when we look at the card.
+    (tmp_path / "host.toml").write_text('[nlp_bridge.backends.echo]\ntype = "echo"\nchunk_delay = 0.05\n')
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "host", "demo", "--port", "0"],
+        cwd=tmp_path, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=demo_env(), start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    output = ""
+
+    def read_until(pattern: str) -> re.Match[str]:
+        nonlocal output
+        deadline = time.monotonic() + LIMIT
+        while (found := re.search(pattern, output)) is None:
+            assert time.monotonic() < deadline, f"{pattern!r} not seen in {output!r}"
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    output += os.read(master, 4096).decode(errors="replace")
+                except OSError:  # the process closed the terminal
+                    assert process.poll() is not None
+        return found
+
+    try:
+        url = read_until(r"chat page  (http://127\.0\.0\.1:\d+)/").group(1)
+        read_until(r"you \(1:1\)> ")
+        words = " ".join(f"w{i}" for i in range(30))
+        os.write(master, f"{words}\n".encode())
+        read_until(r"bot \(AI card\)> \[echo\]")
+        # The card is on the emulator's page while it streams, then finished.
+        with urllib.request.urlopen(f"{url}/_emulator/cards", timeout=10) as response:
+            cards = json.loads(response.read())
+        assert len(cards) == 1 and cards[0]["state"] in ("PROCESSING", "INPUTING", "FINISHED")
+        read_until(re.escape(f"[echo] {words}") + r"\s*\r?\n")
+        read_until(r"you \(1:1\)> $")
+        with urllib.request.urlopen(f"{url}/_emulator/cards", timeout=10) as response:
+            (card,) = json.loads(response.read())
+        assert card["state"] == "FINISHED" and card["text"] == f"[echo] {words}"
+        assert len(card["streams"]) >= 2  # it streamed, it did not arrive in one piece
+        os.kill(process.pid, signal.SIGINT)  # Ctrl-C
+        read_until(r"bye")
+        assert process.wait(timeout=LIMIT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+        if process.stderr is not None:
+            process.stderr.close()
