@@ -61,7 +61,12 @@ def run_host_bot(endpoint: str, client_id: str, mode: str) -> None:
     data = {
         "logging": {"dir": "", "level": "WARNING", "format": "text"},
         "http": {"enabled": False},
-        "host": {"control_socket": "", "queue_size": 16384, "concurrency": 64, "reload": {"watch_entry_points": False}},
+        "host": {
+            "control_socket": "",
+            "queue_size": 16384,
+            "concurrency": 64,
+            "reload": {"watch_entry_points": False},
+        },
         "dingtalk": {
             "client_id": client_id,
             "client_secret": {"env": "BENCH_CLIENT_SECRET"},
@@ -114,7 +119,9 @@ def run_official_bot(client_id: str, mode: str) -> None:
             card = dingtalk_stream.AIMarkdownCardInstance(self.dingtalk_client, incoming)
             card.ai_start()
             text = ""
-            for i, word in enumerate(re.findall(r"\S+\s*", "[echo] " + incoming.text.content.strip())):
+            for i, word in enumerate(
+                re.findall(r"\S+\s*", "[echo] " + incoming.text.content.strip())
+            ):
                 if i:
                     time.sleep(CARD_DELAY)
                 text += word
@@ -134,13 +141,21 @@ def run_official_bot(client_id: str, mode: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class ReplyProbe:
-    """Notes when the emulator records the first bot message of each conversation."""
+    """Notes when the emulator records each bot reply, keyed by the reply's text."""
 
     def __init__(self, emu: Any) -> None:
         self.arrived: dict[str, float] = {}
@@ -149,28 +164,47 @@ class ReplyProbe:
 
         def add_bot_message(message: Any) -> Any:
             now = time.perf_counter()
-            if message.conversation_id not in self.arrived:
-                self.arrived[message.conversation_id] = now
-                self.events.setdefault(message.conversation_id, trio.Event()).set()
+            if message.text not in self.arrived:
+                self.arrived[message.text] = now
+                self.events.setdefault(message.text, trio.Event()).set()
             return original(message)
 
         emu.state.add_bot_message = add_bot_message  # the probe: every reply path goes through it
 
-    async def wait(self, conversation: str) -> float:
-        await self.events.setdefault(conversation, trio.Event()).wait()
-        return self.arrived[conversation]
+    async def wait(self, text: str) -> float:
+        await self.events.setdefault(text, trio.Event()).wait()
+        return self.arrived[text]
 
 
 async def reply_latency(emu: Any, label: str, total: int, rate: float) -> list[float]:
+    """Push ``total`` messages at ``rate``; each is its own conversation and user, so nothing is
+    serialized on the bot's side. The payload is a real one built once by the emulator; each push is
+    a copy with its own msgId, conversation, user and text, delivered straight through the gateway
+    (the emulator's per-message bookkeeping would only slow the injecting side down). Replies go
+    through that payload's session webhook and are told apart by their text."""
+    from host_dingtalk_connector.emulator import BOT_TOPIC
+
+    template = (await emu.send_user_message("template", sender_staff_id=f"{label}-template"))[
+        "payload"
+    ]
     probe = ReplyProbe(emu)
     latencies: list[float] = []
 
     async def one(i: int, start_at: float) -> None:
         await trio.sleep_until(start_at)
+        text = f"{label} latency {i}"
+        payload = dict(template, msgId=f"msg{label}{i:06d}==", conversationId=f"cid{label}{i:06d}",
+                       senderStaffId=f"{label}-{i:06d}", text={"content": text})  # fmt: skip
         pushed = time.perf_counter()
-        sent = await emu.send_user_message(f"latency {i}", sender_staff_id=f"{label}-lat-{i:05d}")
+        if (
+            emu.gateway.deliver(
+                "CALLBACK", BOT_TOPIC, "bot_message", payload, delivery_key=payload["msgId"]
+            )
+            is None
+        ):
+            raise RuntimeError("not delivered: the bot has no open connection")
         with trio.move_on_after(30):
-            latencies.append(await probe.wait(sent["conversationId"]) - pushed)
+            latencies.append(await probe.wait(f"[echo] {text}") - pushed)
 
     async with trio.open_nursery() as nursery:
         start = trio.current_time() + 0.1
@@ -184,12 +218,17 @@ async def card_load(emu: Any, label: str) -> dict[str, Any]:
     calls_before = len(emu.calls())
     started = time.perf_counter()
     sent = [
-        await emu.send_user_message(question, sender_staff_id=f"{label}-card-{i:02d}") for i in range(CARD_USERS)
+        await emu.send_user_message(question, sender_staff_id=f"{label}-card-{i:02d}")
+        for i in range(CARD_USERS)
     ]
     conversations = {s["conversationId"] for s in sent}
 
     def finished() -> list[Any] | None:
-        cards = [c for c in emu.all_cards() if any(s["conversationId"] in conversations for s in c["spaces"])]
+        cards = [
+            c
+            for c in emu.all_cards()
+            if any(s["conversationId"] in conversations for s in c["spaces"])
+        ]
         done = [c for c in cards if c["state"] in ("FINISHED", "FAILED")]
         return cards if len(cards) == CARD_USERS and len(done) == CARD_USERS else None
 
@@ -218,12 +257,21 @@ async def with_bot(emu: Any, command: list[str], env: dict[str, str], measure: A
     before = len(emu.connections(with_frames=False))
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
-            partial(trio.run_process, command, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            partial(
+                trio.run_process,
+                command,
+                env=env,
+                check=False,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         )
         try:
             with trio.fail_after(30):
                 await emu.wait_for_connection(before + 1)
-            return await measure()
+            cpu_bot, cpu_emu = cpu_seconds(process.pid), time.process_time()
+            result = await measure()
+            return result, cpu_seconds(process.pid) - cpu_bot, time.process_time() - cpu_emu
         finally:
             process.terminate()
             with trio.move_on_after(5):
@@ -241,6 +289,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
     async with open_emulator(client_id=client_id, client_secret=secret) as emu:
         env = {**os.environ, "BENCH_CLIENT_SECRET": secret, "NO_PROXY": "127.0.0.1,localhost"}
         me = [sys.executable, __file__]
+        # BENCH_PROFILE=/path.prof: run our bot under cProfile (for finding hot spots).
+        profile = os.environ.get("BENCH_PROFILE")
         bots = {
             "host": ([*me, "--bot", "host", "--endpoint", emu.base_url, "--client-id", client_id], env),
             "official": ([*me, "--bot", "official", "--client-id", client_id],
@@ -251,25 +301,52 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 continue
             row = rows[label] = {}
             # Warm-up, then the measured run.
-            latencies = await with_bot(
+            if profile and label == "host":
+                command = [sys.executable, "-m", "cProfile", "-o", profile, *command[1:]]
+            latencies, cpu_bot, cpu_emu = await with_bot(
                 emu, [*command, "--mode", "reply"], bot_env,
                 lambda label=label: warm_then_measure(emu, label, args),
             )  # fmt: skip
+            pushed = args.messages + WARM_UP
+            row["bot_cpu_ms"] = cpu_bot / pushed * 1000
+            row["emu_cpu_ms"] = cpu_emu / pushed * 1000
             row["replied"] = len(latencies)
             row["p50_ms"] = pct(latencies, 0.5) * 1000
             row["p99_ms"] = pct(latencies, 0.99) * 1000
             row["mean_ms"] = statistics.fmean(latencies) * 1000
             print(f"  {label}: reply latency measured", flush=True)
-            row.update(await with_bot(emu, [*command, "--mode", "cards"], bot_env, lambda label=label: card_load(emu, label)))
+            if profile and label == "host":
+                command[command.index(profile)] = profile + ".cards"
+            cards, _, _ = await with_bot(
+                emu,
+                [*command, "--mode", "cards"],
+                bot_env,
+                lambda label=label: card_load(emu, label),
+            )
+            row.update(cards)
             print(f"  {label}: card load measured", flush=True)
     print()
-    print(f"reply latency at {args.rate:.0f} msg/s, {args.messages} messages (inject -> reply recorded by the emulator)")
-    print(f"{'bot':<10}{'replied':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+    print(
+        f"reply latency at {args.rate:.0f} msg/s, {args.messages} messages (inject -> reply recorded by the emulator)"
+    )
+    print(
+        f"{'bot':<10}{'replied':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'bot CPU ms/msg':>16}{'emulator CPU ms/msg':>21}"
+    )
     for label, r in rows.items():
-        print(f"{label:<10}{r['replied']:>9}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}")
+        print(
+            f"{label:<10}{r['replied']:>9}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}"
+            f"{r['bot_cpu_ms']:>16.2f}{r['emu_cpu_ms']:>21.2f}"
+        )
+    print(
+        "  (CPU per message: a rate R needs R x (bot + emulator) ms of CPU per second, on this machine's cores)"
+    )
     print()
-    print(f"AI cards: {CARD_USERS} users at once, {CARD_WORDS} words {CARD_DELAY * 1000:.0f} ms apart each")
-    print(f"{'bot':<10}{'updates':>9}{'upd/s':>8}{'busiest 1s':>12}{'403 Qps':>9}{'card calls':>12}{'FINISHED':>10}{'seconds':>9}")
+    print(
+        f"AI cards: {CARD_USERS} users at once, {CARD_WORDS} words {CARD_DELAY * 1000:.0f} ms apart each"
+    )
+    print(
+        f"{'bot':<10}{'updates':>9}{'upd/s':>8}{'busiest 1s':>12}{'403 Qps':>9}{'card calls':>12}{'FINISHED':>10}{'seconds':>9}"
+    )
     for label, r in rows.items():
         print(
             f"{label:<10}{r['updates']:>9}{r['updates_per_s']:>8.1f}{r['busiest_1s']:>12}{r['qps_403']:>9}"
@@ -284,11 +361,16 @@ async def orchestrate(args: argparse.Namespace) -> None:
         print(f"  card calls          {ours['card_calls'] / max(1, theirs['card_calls']):.2f}x")
         print(f"  403 QpsLimit        {ours['qps_403']} vs {theirs['qps_403']}")
     print()
-    print("goals (issue 5): p99 <= 20 ms at 200 msg/s; card updates within the budget (8/s + burst 4), no QpsLimit storm")
+    print(
+        "goals (issue 5): p99 <= 20 ms at 200 msg/s; card updates within the budget (8/s + burst 4), no QpsLimit storm"
+    )
+
+
+WARM_UP = 200
 
 
 async def warm_then_measure(emu: Any, label: str, args: argparse.Namespace) -> list[float]:
-    await reply_latency(emu, f"{label}-warm", 200, args.rate)
+    await reply_latency(emu, f"{label}-warm", WARM_UP, args.rate)
     return await reply_latency(emu, label, args.messages, args.rate)
 
 
@@ -300,7 +382,9 @@ def main() -> None:
     parser.add_argument("--client-id", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["host", "official"], help="measure one bot only")
     parser.add_argument("--messages", type=int, default=2000, help="messages in the latency run")
-    parser.add_argument("--rate", type=float, default=200.0, help="messages per second in the latency run")
+    parser.add_argument(
+        "--rate", type=float, default=200.0, help="messages per second in the latency run"
+    )
     args = parser.parse_args()
     if args.bot == "host":
         run_host_bot(args.endpoint, args.client_id, args.mode)

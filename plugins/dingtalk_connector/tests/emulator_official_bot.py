@@ -14,7 +14,13 @@ import os
 import sys
 
 import dingtalk_stream
-from dingtalk_stream import AckMessage, CallbackHandler, ChatbotHandler, ChatbotMessage, EventHandler
+from dingtalk_stream import (
+    AckMessage,
+    CallbackHandler,
+    ChatbotHandler,
+    ChatbotMessage,
+    EventHandler,
+)
 
 
 class Bot(ChatbotHandler):

@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, wrap_client_stream
-
 from host_dingtalk_connector.emulator import BOT_TOPIC, CARD_CALLBACK_TOPIC, Emulator
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
 ALL_SUBSCRIPTIONS = [
     {"type": "EVENT", "topic": "*"},

@@ -18,13 +18,12 @@ import hypercorn.trio
 import pytest
 import trio
 from emulator_support import data_of, socket_clock, stream_client
+from host_dingtalk_connector.emulator import CARD_CALLBACK_TOPIC, Emulator, open_emulator
 from hypercorn.config import Config
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-
-from host_dingtalk_connector.emulator import CARD_CALLBACK_TOPIC, Emulator, open_emulator
 
 pytestmark = pytest.mark.anyio
 VIRTUAL_BUDGET = 3600

@@ -13,7 +13,6 @@ import httpx
 import pytest
 import trio
 from emulator_support import data_of, socket_clock, stream_client
-
 from host_dingtalk_connector.emulator import open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -91,6 +90,17 @@ async def test_messages_conversations_and_inspection_endpoints() -> None:
             page = await client.http.get("/")
             assert page.status_code == 200 and 'id="send"' in page.text and "<script>" in page.text
 
+            # Ids are base64-like: "/", "+" and "=" must survive in paths.
+            odd = (await ctl.post("/messages", json={"text": "odd", "conversation_type": "group",
+                                                     "conversation_id": "cidA/B+C=="})).json()
+            assert odd["conversationId"] == "cidA/B+C=="
+            assert (await ctl.get("/conversations/cidA/B+C==/timeline")).json()[0]["text"] == "odd"
+            assert (await ctl.get("/conversations/cidA/B+C==")).json()["conversationId"] == "cidA/B+C=="
+            assert len((await ctl.get(f"/deliveries/{odd['msgId']}")).json()) == 1
+            await client.receive()
+            missing = await ctl.get("/nothing/here")
+            assert missing.status_code == 404 and "no control endpoint" in missing.json()["error"]
+
             disc = (await ctl.post(f"/connections/{conn_id}/disconnect", json={"reason": "bye"})).json()
             assert disc[0]["payload"] == {"reason": "bye"}
             assert data_of(await client.receive()) == {"reason": "bye"}
@@ -134,8 +144,8 @@ async def test_every_fault_is_reachable_over_http() -> None:
         async with open_emulator() as emu, httpx.AsyncClient(base_url=f"{emu.base_url}/_emulator") as ctl:
             r = await ctl.post("/faults/registration", json={"mode": "error", "status": 503, "count": 2})
             assert r.json()["registration"] == {"mode": "error", "status": 503, "remaining": 2}
-            opened = await httpx.AsyncClient(base_url=emu.base_url).post(
-                "/v1.0/gateway/connections/open", json={"clientId": "a", "clientSecret": "b"})
+            async with httpx.AsyncClient(base_url=emu.base_url) as http:
+                opened = await http.post("/v1.0/gateway/connections/open", json={"clientId": "a", "clientSecret": "b"})
             assert opened.status_code == 503
             assert (await ctl.delete("/faults/registration")).json()["registration"] is None
             assert (await ctl.post("/faults/registration", json={"mode": "sideways"})).status_code == 400

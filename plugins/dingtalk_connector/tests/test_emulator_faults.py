@@ -12,10 +12,16 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from emulator_support import StreamClient, data_of, open_ws, rejected_handshake, socket_clock, stream_client
-from trio_websocket import ConnectionClosed
-
+from emulator_support import (
+    StreamClient,
+    data_of,
+    open_ws,
+    rejected_handshake,
+    socket_clock,
+    stream_client,
+)
 from host_dingtalk_connector.emulator import MALFORMED_KINDS, EmulatorError, open_emulator
+from trio_websocket import ConnectionClosed
 
 pytestmark = pytest.mark.anyio
 VIRTUAL_BUDGET = 3600

@@ -18,7 +18,6 @@ from typing import Any
 import dingtalk_stream.version
 import pytest
 import trio
-
 from host_dingtalk_connector.emulator import BOT_TOPIC, CARD_CALLBACK_TOPIC, open_emulator
 
 pytestmark = pytest.mark.anyio

@@ -24,9 +24,8 @@ from emulator_support import (
     socket_clock,
     stream_client,
 )
-from trio_websocket import ConnectionClosed
-
 from host_dingtalk_connector.emulator import BOT_TOPIC, EmulatorError, open_emulator
+from trio_websocket import ConnectionClosed
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import trio
 from emulator_support import data_of, socket_clock, stream_client
-
 from host_dingtalk_connector.emulator import open_emulator
 
 pytestmark = pytest.mark.anyio

@@ -21,9 +21,8 @@ import httpx
 import pytest
 import trio
 from emulator_support import MiniBot, open_ws
-from trio_websocket import WebSocketConnection
-
 from host_dingtalk_connector.emulator import open_emulator
+from trio_websocket import WebSocketConnection
 
 pytestmark = pytest.mark.anyio
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

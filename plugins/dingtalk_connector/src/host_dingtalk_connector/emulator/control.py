@@ -93,12 +93,13 @@ class ControlApi:
             r("POST", "/_emulator/files", self.post_file),
             r("GET", "/_emulator/files", lambda q: _json(e.files())),
             r("GET", "/_emulator/conversations", lambda q: _json(e.conversations())),
-            r("GET", "/_emulator/conversations/{cid}",
-              lambda q: _json(e.state.conversation(q.path_params["cid"]).summary())),
-            r("GET", "/_emulator/conversations/{cid}/messages",
+            # Conversation ids and msgIds are base64-like and may contain "/": ":path" keeps them whole.
+            r("GET", "/_emulator/conversations/{cid:path}/messages",
               lambda q: _json(e.bot_messages(q.path_params["cid"]))),
-            r("GET", "/_emulator/conversations/{cid}/timeline",
+            r("GET", "/_emulator/conversations/{cid:path}/timeline",
               lambda q: _json(e.timeline(q.path_params["cid"]))),
+            r("GET", "/_emulator/conversations/{cid:path}",
+              lambda q: _json(e.state.conversation(q.path_params["cid"]).summary())),
             r("GET", "/_emulator/connections",
               lambda q: _json(e.connections(with_frames=q.query_params.get("frames", "1") != "0"))),
             r("GET", "/_emulator/connections/{id}", lambda q: _json(e.connection(q.path_params["id"]))),
@@ -107,13 +108,13 @@ class ControlApi:
             r("POST", "/_emulator/ping", self.ping),
             r("POST", "/_emulator/disconnect", self.disconnect),
             r("GET", "/_emulator/frames/{mid}", lambda q: _json(e.frame(q.path_params["mid"]))),
-            r("GET", "/_emulator/deliveries/{key}", lambda q: _json(e.deliveries(q.path_params["key"]))),
+            r("GET", "/_emulator/deliveries/{key:path}", lambda q: _json(e.deliveries(q.path_params["key"]))),
             r("GET", "/_emulator/registrations", lambda q: _json(e.registrations())),
             r("GET", "/_emulator/handshakes", lambda q: _json(e.rejected_handshakes())),
             r("GET", "/_emulator/calls", lambda q: _json(e.calls(q.query_params.get("api")))),
             r("GET", "/_emulator/cards", lambda q: _json(e.all_cards())),
-            r("GET", "/_emulator/cards/{id}", lambda q: _json(e.card(q.path_params["id"]))),
-            r("POST", "/_emulator/cards/{id}/click", self.click_card),
+            r("POST", "/_emulator/cards/{id:path}/click", self.click_card),
+            r("GET", "/_emulator/cards/{id:path}", lambda q: _json(e.card(q.path_params["id"]))),
             r("GET", "/_emulator/faults", lambda q: _json(e.faults.to_dict())),
             r("DELETE", "/_emulator/faults", self.reset_faults),
             r("POST", "/_emulator/faults/registration", self.fault_registration),
@@ -134,7 +135,12 @@ class ControlApi:
               lambda q: _json({"expired": e.faults.expire_tickets()})),
             r("POST", "/_emulator/faults/clock", self.fault_clock),
             r("GET", "/_emulator/ui", self.ui_state),
+            Route("/_emulator/{rest:path}", self.unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
+
+    async def unknown(self, request: Request) -> Response:
+        return _json({"error": f"no control endpoint {request.method} {request.url.path} "
+                               "(see the README's control API table)"}, 404)
 
     def _route(self, method: str, path: str, handler: Callable[[Request], Any]) -> Route:
         async def endpoint(request: Request) -> Response:

@@ -34,7 +34,7 @@ from .errors import EmulatorError
 if TYPE_CHECKING:
     from .server import Emulator
 
-__all__ = ["FaultSwitches", "Faults", "MALFORMED_KINDS", "RegistrationFault"]
+__all__ = ["MALFORMED_KINDS", "FaultSwitches", "Faults", "RegistrationFault"]
 
 RegistrationFault = Literal["auth", "error", "timeout"]
 

@@ -147,10 +147,7 @@ def judge_ack(frame: FrameRecord, ack: dict[str, Any], *, now: float, now_ms: in
         later = isinstance(parsed, dict) and parsed.get("status") == "LATER"
         verdict = "error" if not code_ok else ("later" if later else "ok")
     elif frame.kind == "card_callback":
-        if not code_ok:
-            verdict = "error"
-        else:
-            verdict = "ok" if latency <= card_callback_timeout else "late"
+        verdict = "error" if not code_ok else ("ok" if latency <= card_callback_timeout else "late")
     else:
         verdict = "ok" if code_ok else "error"
     return AckRecord(message_id=headers["messageId"], code=code, message=ack.get("message"),

@@ -9,6 +9,7 @@ topic (the server cannot tell a zombie from a healthy connection), chosen per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from .errors import EmulatorError, NoConnection, NotFound
 from .faults import FaultSwitches
 from .frames import AckRecord, FrameRecord, build_frame, encode, judge_ack, parse_ack
 from .front import GatewayFront, Link
+from .openapi import credentials_match
 from .state import EmulatorState, Registration, Ticket
 
 __all__ = ["BOT_TOPIC", "CARD_CALLBACK_TOPIC", "Connection", "Gateway"]
@@ -128,7 +130,7 @@ class Gateway:
     # --- registration -------------------------------------------------------------------------
     async def open_connection(self, request: Request) -> Response:
         """``POST /v1.0/gateway/connections/open``."""
-        state, settings = self.state, self.settings
+        state = self.state
         raw = await request.body()
         body: Any = None
         try:
@@ -173,7 +175,7 @@ class Gateway:
         if not isinstance(client_id, str) or not isinstance(secret, str) or not client_id or not secret:
             reg.outcome = "badRequest"
             return _api_error(bad, "MissingParameter", "clientId and clientSecret are required")
-        if client_id != settings.client_id or secret != settings.client_secret:
+        if not credentials_match(settings, client_id, secret):
             reg.outcome = "authFailed"
             logger.info("emulator: connections/open refused: wrong credentials for {!r}", client_id)
             return _api_error(401, "authFailed", "鉴权失败")
@@ -374,10 +376,9 @@ class Gateway:
         return record
 
     def _send(self, conn: Connection, item: tuple[Any, ...]) -> None:
-        try:
+        # If the connection just closed, the frame stays recorded as sent and is lost, like on DingTalk.
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             conn.outbox.send_nowait(item)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection just closed; the frame is recorded as sent and lost, like on DingTalk
 
     def choose(self, frame_type: str, topic: str) -> Connection | None:
         """The connection that gets the next push of (type, topic), per the push policy."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-__all__ = ["sample_file", "png", "wav"]
+__all__ = ["png", "sample_file", "wav"]
 
 
 def png(width: int = 32, height: int = 32, rgb: tuple[int, int, int] = (22, 119, 255)) -> bytes:

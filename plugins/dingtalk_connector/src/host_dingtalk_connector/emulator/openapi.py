@@ -9,6 +9,7 @@ with a 4xx/5xx status; old ones (``/gettoken``, ``/media/upload``, ``/robot/...`
 
 from __future__ import annotations
 
+import hmac
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from .errors import ApiError, OapiError
 from .faults import FaultSwitches
+from .settings import EmulatorSettings
 from .state import BotMessage, CallRecord, EmulatorState
 
 __all__ = ["MSG_KEYS", "Call", "OpenApi", "render_msg_param"]
@@ -203,7 +205,7 @@ class OpenApi:
 
     # --- tokens -------------------------------------------------------------------------------
     def _credentials_ok(self, key: Any, secret: Any) -> bool:
-        return key == self.settings.client_id and secret == self.settings.client_secret
+        return credentials_match(self.settings, key, secret)
 
     async def access_token(self, call: Call) -> Any:
         body = call.body if isinstance(call.body, dict) else {}
@@ -435,6 +437,13 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | Non
     except Exception as exc:  # python-multipart raises its own and ValueError for broken bodies
         raise OapiError(40035, f"缺少参数 media: the multipart body is malformed ({exc})") from None
     return parts
+
+
+def credentials_match(settings: EmulatorSettings, key: Any, secret: Any) -> bool:
+    """Whether ``key``/``secret`` are the app's credentials (constant-time secret comparison)."""
+    if not isinstance(key, str) or not isinstance(secret, str):
+        return False
+    return key == settings.client_id and hmac.compare_digest(secret.encode(), settings.client_secret.encode())
 
 
 def _oss_error(status: int, code: str, message: str) -> Response:

@@ -76,11 +76,14 @@ class Emulator:
         config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host
                        else f"{settings.host}:{settings.port}"]
         config.accesslog = None
-        config.errorlog = logging.getLogger("host_dingtalk_connector.emulator.http")
+        http_log = logging.getLogger("host_dingtalk_connector.emulator.http")
+        http_log.setLevel(logging.WARNING)  # hypercorn's "Running on ..." repeats our own startup line
+        config.errorlog = http_log
         config.websocket_max_message_size = settings.max_inbound_message_bytes
         config.graceful_timeout = 0.5
         app = build_app(self)
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, config, mode="asgi"))
+        # Starlette is an ASGI app; hypercorn's annotation spells the ASGI callable differently.
+        binds = await nursery.start(partial(hypercorn.trio.serve, app, config, mode="asgi"))  # type: ignore[arg-type]
         port = int(binds[0].rsplit(":", 1)[1])
         public_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(
             settings.host, f"[{settings.host}]" if ":" in settings.host else settings.host)

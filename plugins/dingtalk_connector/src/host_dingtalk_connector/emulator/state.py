@@ -183,7 +183,7 @@ class Registration:
     seq: int
     at_ms: int
     client_id: str
-    subscriptions: list[dict[str, Any]]
+    subscriptions: list[dict[str, Any]] | None  # as sent (None when the body had none)
     ua: str | None
     local_ip: str | None
     extras: Any
