@@ -17,11 +17,11 @@ pytest.importorskip("host_dingtalk_connector", reason="needs the DingTalk connec
 pytest.importorskip("host_nlp_bridge", reason="needs the NLP bridge plugin installed")
 pytest.importorskip("host_audit", reason="needs the audit plugin installed")
 
-from host_audit.verify import verify_log  # noqa: E402
-from host_dingtalk_connector.emulator import open_emulator  # noqa: E402
+from host_audit.verify import verify_log
+from host_dingtalk_connector.emulator import open_emulator
 
-from host.config import load_config  # noqa: E402
-from host.runtime import build_host  # noqa: E402
+from host.config import load_config
+from host.runtime import build_host
 
 pytestmark = pytest.mark.anyio
 

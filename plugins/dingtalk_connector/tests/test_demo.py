@@ -22,8 +22,47 @@ from pathlib import Path
 import pytest
 
 LIMIT = 60.0
-HAS_BRIDGE = importlib.util.find_spec("host_nlp_bridge") is not None
-needs_bridge = pytest.mark.skipif(not HAS_BRIDGE, reason="the demo's answers come from the NLP bridge plugin")
+HAS_BRIDGE = importlib.util.find_spec("host_nlp_bridge") is not None and not os.environ.get(
+    "DINGTALK_TESTS_WITHOUT_NLP_BRIDGE"
+)
+#: Without the NLP bridge installed (a fresh environment with only this plugin), the demo's answers
+#: come from this drop-in plugin instead ([host.reload] plugins_dir): the same echo, streamed.
+ECHO_DROPIN = """
+import re
+
+import trio
+
+from host import hookimpl
+
+DELAY = {delay}
+
+
+@hookimpl
+async def on_message(message):
+    if not message.text:
+        return "I can only read text messages for now."
+    answer = "[echo] " + message.text
+
+    async def words():
+        for i, word in enumerate(re.findall(r"\\S+\\s*", answer)):
+            if i and DELAY:
+                await trio.sleep(DELAY)
+            yield word
+
+    return words()
+"""
+
+
+def prepare(cwd: Path, *, delay: float = 0.0) -> None:
+    """Give the demo in ``cwd`` an answering plugin: the NLP bridge's echo (slowed down by ``delay``),
+    or the drop-in stand-in when the bridge is not installed."""
+    if HAS_BRIDGE:
+        if delay:
+            (cwd / "host.toml").write_text(f'[nlp_bridge.backends.echo]\ntype = "echo"\nchunk_delay = {delay}\n')
+        return
+    (cwd / "plugins").mkdir()
+    (cwd / "plugins" / "demo_echo.py").write_text(ECHO_DROPIN.format(delay=delay))
+    (cwd / "host.toml").write_text('[host.reload]\nplugins_dir = "plugins"\n')
 
 
 def demo_env(**extra: str) -> dict[str, str]:
@@ -40,8 +79,8 @@ def run_demo(cwd: Path, *args: str, stdin: str | None = None, env: dict[str, str
     )  # fmt: skip
 
 
-@needs_bridge
 def test_say_prints_the_reply_and_exits_0(tmp_path: Path) -> None:
+    prepare(tmp_path)
     result = run_demo(tmp_path, "--say", "hello there")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[echo] hello there\n"  # only the reply on stdout: usable in scripts
@@ -67,8 +106,8 @@ def test_bad_configuration_exits_2(tmp_path: Path) -> None:
     assert "updates_per_second" in result.stderr
 
 
-@needs_bridge
 def test_interactive_chat_through_a_pipe(tmp_path: Path) -> None:
+    prepare(tmp_path)
     result = run_demo(tmp_path, stdin="hello card\n/group\nin the group\n/nonsense\n/single\n/quit\n")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -81,11 +120,9 @@ def test_interactive_chat_through_a_pipe(tmp_path: Path) -> None:
     assert "INFO" not in out and "INFO" not in result.stderr  # logs go to the file, not the terminal
 
 
-@needs_bridge
 def test_interactive_chat_in_a_terminal_streams_into_a_card_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     """A pseudo-terminal: the prompt, a streamed answer, the card on the chat page, then Ctrl-C."""
-    # A slow echo, so the answer is still streaming when we look at the card.
-    (tmp_path / "host.toml").write_text('[nlp_bridge.backends.echo]\ntype = "echo"\nchunk_delay = 0.05\n')
+    prepare(tmp_path, delay=0.05)  # a slow echo: the answer is still streaming when we look
     master, slave = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "host", "demo", "--port", "0"],
