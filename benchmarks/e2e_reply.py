@@ -77,6 +77,7 @@ def run_host_bot(endpoint: str, client_id: str, mode: str) -> None:
         },
         "nlp_bridge": {
             "reply_format": "text",
+            "stream": os.environ.get("BENCH_NLP_STREAM", "1") == "1",
             "backends": {"echo": {"type": "echo", "chunk_delay": CARD_DELAY if cards else 0.0}},
             "limits": {"max_concurrency": 64, "queue_size": 10000, "user_rate_per_minute": 0},
         },

@@ -25,7 +25,9 @@ from host.metrics import Metrics
 from host.model import Message
 
 #: Fast retries for tests (the defaults wait up to 8 s between attempts).
-FAST_RETRY = RetrySettings(attempts=4, base_delay=0.01, max_delay=0.05, qps_delay=0.2, deadline=10.0, timeout=10.0)
+FAST_RETRY = RetrySettings(
+    attempts=4, base_delay=0.01, max_delay=0.05, qps_delay=0.2, deadline=10.0, timeout=10.0
+)
 #: The public AI card template of the official SDK (the emulator accepts any id).
 TEMPLATE = "382e4302-551d-4880-bf29-a30acfab2e71.schema"
 
@@ -44,7 +46,11 @@ def app_for(emu: Emulator, name: str = "default", **overrides: Any) -> AppConfig
 
 @asynccontextmanager
 async def open_outbound(
-    emu: Emulator, *, apps: list[AppConfig] | None = None, metrics: Metrics | None = None, **settings: Any
+    emu: Emulator,
+    *,
+    apps: list[AppConfig] | None = None,
+    metrics: Metrics | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Outbound]:
     """An ``Outbound`` for ``emu`` with its card service running; closed on exit."""
     settings.setdefault("retry", FAST_RETRY)
@@ -62,12 +68,21 @@ async def open_outbound(
 
 
 async def user_message(
-    emu: Emulator, text: str = "hello", *, app: str = "default", connector: str = "dingtalk", **kwargs: Any
+    emu: Emulator,
+    text: str = "hello",
+    *,
+    app: str = "default",
+    connector: str = "dingtalk",
+    **kwargs: Any,
 ) -> tuple[Message, dict[str, Any]]:
     """A user message said in the emulator, converted as the connector converts it."""
     sent = await emu.send_user_message(text, **kwargs)
     message = convert_bot_message(
-        sent["payload"], connector=connector, app=app, resolver=NullResolver(), frame_message_id="test-frame"
+        sent["payload"],
+        connector=connector,
+        app=app,
+        resolver=NullResolver(),
+        frame_message_id="test-frame",
     )
     return message, sent
 
@@ -93,7 +108,10 @@ def nlp_bridge_plugin() -> Any | None:
     import importlib.util
     import os
 
-    if os.environ.get("DINGTALK_TESTS_WITHOUT_NLP_BRIDGE") or importlib.util.find_spec("host_nlp_bridge") is None:
+    if (
+        os.environ.get("DINGTALK_TESTS_WITHOUT_NLP_BRIDGE")
+        or importlib.util.find_spec("host_nlp_bridge") is None
+    ):
         return None
     import host_nlp_bridge.plugin
 
@@ -114,15 +132,20 @@ async def open_bot(
     ``nlp_bridge``), ``host`` into ``[host]``. The host is shut down on exit (and the run awaited).
     """
     from host_dingtalk_connector import plugin as dingtalk_plugin
+    from streamkit import QUIET_STREAM
 
     from host.config import load_config
     from host.runtime import build_host
-    from streamkit import QUIET_STREAM
 
     data: dict[str, Any] = {
         "logging": {"dir": ""},
         "http": {"enabled": False},
-        "host": {"control_socket": "", "reload": {"watch_entry_points": False}, "shutdown_timeout": 10.0, **(host or {})},
+        "host": {
+            "control_socket": "",
+            "reload": {"watch_entry_points": False},
+            "shutdown_timeout": 10.0,
+            **(host or {}),
+        },
         "dingtalk": {
             "client_id": emu.settings.client_id,
             "client_secret": emu.settings.client_secret,
@@ -134,7 +157,9 @@ async def open_bot(
         **(sections or {}),
     }
     config = load_config(data=data, environ={})
-    running = build_host(config, plugins=[("dingtalk_connector", dingtalk_plugin), *plugins], entry_points=False)
+    running = build_host(
+        config, plugins=[("dingtalk_connector", dingtalk_plugin), *plugins], entry_points=False
+    )
     assert "dingtalk" in running.connectors, "the dingtalk connector was not registered"
     async with trio.open_nursery() as nursery:
         await nursery.start(running.run)

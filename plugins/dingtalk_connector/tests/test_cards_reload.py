@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import trio
 from host_dingtalk_connector.emulator import open_emulator
+from outkit import TEMPLATE, open_bot
 
 from host import Message, hookimpl
-from outkit import TEMPLATE, open_bot
 
 LIMIT = 60
 
@@ -40,11 +40,18 @@ EXPECTED = "".join(f" chunk{i}" for i in range(25))
 @pytest.mark.anyio
 async def test_reloading_the_plugin_mid_stream_finishes_the_open_card() -> None:
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_bot(
-            emu, ("streamer", Streamer()), dingtalk={"cards": {"template_id": TEMPLATE, "min_interval": 0.05}}
-        ) as host:
+        async with (
+            open_emulator() as emu,
+            open_bot(
+                emu,
+                ("streamer", Streamer()),
+                dingtalk={"cards": {"template_id": TEMPLATE, "min_interval": 0.05}},
+            ) as host,
+        ):
             old = host.connectors["dingtalk"]
-            before = await emu.send_user_message("before", conversation_type="group", conversation_id="cidBefore")
+            before = await emu.send_user_message(
+                "before", conversation_type="group", conversation_id="cidBefore"
+            )
             await emu.wait_for_card(conversation_id=before["conversationId"], state="INPUTING")
             result = await host.reloader.reload_plugin("dingtalk_connector", reason="test")
             assert result.outcome == "reloaded", result
@@ -55,7 +62,9 @@ async def test_reloading_the_plugin_mid_stream_finishes_the_open_card() -> None:
             # The old version's HTTP client closes once its last stream ended.
             await host.wait_idle()
             assert old.outbound.http.is_closed  # type: ignore[attr-defined]
-            after = await emu.send_user_message("after", conversation_type="group", conversation_id="cidAfter")
+            after = await emu.send_user_message(
+                "after", conversation_type="group", conversation_id="cidAfter"
+            )
             card = await emu.wait_for_card(conversation_id=after["conversationId"])
             assert card["state"] == "FINISHED" and card["text"] == "after:" + EXPECTED
             assert len(card["streams"]) >= 3  # the new version streams (its card loops run)

@@ -19,8 +19,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 LIMIT = 60.0
 HAS_BRIDGE = importlib.util.find_spec("host_nlp_bridge") is not None and not os.environ.get(
     "DINGTALK_TESTS_WITHOUT_NLP_BRIDGE"
@@ -58,11 +56,16 @@ def prepare(cwd: Path, *, delay: float = 0.0) -> None:
     or the drop-in stand-in when the bridge is not installed."""
     if HAS_BRIDGE:
         if delay:
-            (cwd / "host.toml").write_text(f'[nlp_bridge.backends.echo]\ntype = "echo"\nchunk_delay = {delay}\n')
+            (cwd / "host.toml").write_text(
+                f'[nlp_bridge.backends.echo]\ntype = "echo"\nchunk_delay = {delay}\n'
+            )
         return
     (cwd / "plugins").mkdir()
     (cwd / "plugins" / "demo_echo.py").write_text(ECHO_DROPIN.format(delay=delay))
-    (cwd / "host.toml").write_text('[host.reload]\nplugins_dir = "plugins"\n')
+    # (The deny list matters only when pretending the bridge is absent while it is installed.)
+    (cwd / "host.toml").write_text(
+        '[plugins]\ndeny = ["nlp_bridge"]\n[host.reload]\nplugins_dir = "plugins"\n'
+    )
 
 
 def demo_env(**extra: str) -> dict[str, str]:
@@ -72,7 +75,9 @@ def demo_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_demo(cwd: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    cwd: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "host", "demo", "--port", "0", *args],
         cwd=cwd, input=stdin, capture_output=True, text=True, timeout=LIMIT, env=env or demo_env(),
@@ -108,7 +113,9 @@ def test_bad_configuration_exits_2(tmp_path: Path) -> None:
 
 def test_interactive_chat_through_a_pipe(tmp_path: Path) -> None:
     prepare(tmp_path)
-    result = run_demo(tmp_path, stdin="hello card\n/group\nin the group\n/nonsense\n/single\n/quit\n")
+    result = run_demo(
+        tmp_path, stdin="hello card\n/group\nin the group\n/nonsense\n/single\n/quit\n"
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert re.search(r"chat page  http://127\.0\.0\.1:\d+/", out)
@@ -117,10 +124,14 @@ def test_interactive_chat_through_a_pipe(tmp_path: Path) -> None:
     assert "bot (AI card)> [echo] in the group\n" in out
     assert "unknown command /nonsense" in out
     assert out.rstrip().endswith("bye")
-    assert "INFO" not in out and "INFO" not in result.stderr  # logs go to the file, not the terminal
+    assert (
+        "INFO" not in out and "INFO" not in result.stderr
+    )  # logs go to the file, not the terminal
 
 
-def test_interactive_chat_in_a_terminal_streams_into_a_card_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+def test_interactive_chat_in_a_terminal_streams_into_a_card_and_stops_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
     """A pseudo-terminal: the prompt, a streamed answer, the card on the chat page, then Ctrl-C."""
     prepare(tmp_path, delay=0.05)  # a slow echo: the answer is still streaming when we look
     master, slave = pty.openpty()

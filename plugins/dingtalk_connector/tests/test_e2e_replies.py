@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import trio
 from host_dingtalk_connector.emulator import open_emulator
+from outkit import TEMPLATE, metric, nlp_bridge_plugin, open_bot
 
 from host import Message, hookimpl
-from outkit import TEMPLATE, metric, nlp_bridge_plugin, open_bot
 
 LIMIT = 60
 NON_TEXT = "I can only read text messages for now."
@@ -62,7 +62,9 @@ class StreamingEcho:
         return words()
 
 
-def responder(*, chunk_delay: float = 0.0, stream: bool = True, concurrency: int = 8) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+def responder(
+    *, chunk_delay: float = 0.0, stream: bool = True, concurrency: int = 8
+) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
     """(plugins, config sections) of the answering side: the NLP bridge's echo, or its stand-in."""
     bridge = nlp_bridge_plugin()
     if bridge is None:
@@ -88,11 +90,25 @@ async def test_every_msgtype_gets_exactly_one_reply(tmp_path: Path) -> None:
     plugins, sections = responder()
     cards = {"template_id": TEMPLATE}
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_bot(
-            emu, *plugins, sections=sections, dingtalk={"cards": cards, "media": {"dir": str(tmp_path)}}
-        ) as host:
+        async with (
+            open_emulator() as emu,
+            open_bot(
+                emu,
+                *plugins,
+                sections=sections,
+                dingtalk={"cards": cards, "media": {"dir": str(tmp_path)}},
+            ) as host,
+        ):
             sent = {}
-            for msgtype in ("text", "picture", "richText", "audio", "video", "file", "unknownMsgType"):
+            for msgtype in (
+                "text",
+                "picture",
+                "richText",
+                "audio",
+                "video",
+                "file",
+                "unknownMsgType",
+            ):
                 sent[msgtype] = await emu.send_user_message(
                     f"a {msgtype} message", msgtype=msgtype, sender_staff_id=f"user-{msgtype}",
                     rich_text=[{"text": "see the screenshot:"}, {"type": "picture"}] if msgtype == "richText" else None,
@@ -102,7 +118,9 @@ async def test_every_msgtype_gets_exactly_one_reply(tmp_path: Path) -> None:
                 assert info["delivered"]
                 await emu.wait_for_bot_message(info["conversationId"])
             await settle(host)
-            replies = {kind: emu.bot_messages(info["conversationId"]) for kind, info in sent.items()}
+            replies = {
+                kind: emu.bot_messages(info["conversationId"]) for kind, info in sent.items()
+            }
             assert {kind: len(r) for kind, r in replies.items()} == {kind: 1 for kind in sent}
             texts = {kind: r[0]["text"] for kind, r in replies.items()}
             assert texts["text"] == "[echo] a text message"
@@ -113,14 +131,18 @@ async def test_every_msgtype_gets_exactly_one_reply(tmp_path: Path) -> None:
                 assert texts[kind] == NON_TEXT
             # Streamed answers came as AI cards, all finalized; the others as session-webhook messages.
             for kind in ("text", "richText", "audio", "group"):
-                assert replies[kind][0]["via"] == "card" and replies[kind][0]["state"] == "FINISHED", kind
+                assert (
+                    replies[kind][0]["via"] == "card" and replies[kind][0]["state"] == "FINISHED"
+                ), kind
             for kind in ("picture", "video", "file", "unknownMsgType"):
                 assert replies[kind][0]["via"] == "sessionWebhook", kind
             # Every message was ACKed once, and the downloaded media files are gone.
             for info in sent.values():
                 assert (await emu.wait_for_ack(info["messageId"]))["code"] == 200
             assert list(tmp_path.iterdir()) == []
-            media = [f for f in emu.calls("POST /v1.0/robot/messageFiles/download") if f["status"] == 200]
+            media = [
+                f for f in emu.calls("POST /v1.0/robot/messageFiles/download") if f["status"] == 200
+            ]
             assert len(media) >= 5  # picture, richText picture, audio, video, file
 
 
@@ -136,7 +158,10 @@ async def test_an_expired_session_falls_back_to_the_openapi() -> None:
             await gate.wait()  # the "long task"
 
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_bot(emu, ("slow", Slow()), *plugins, sections=sections) as host:
+        async with (
+            open_emulator() as emu,
+            open_bot(emu, ("slow", Slow()), *plugins, sections=sections) as host,
+        ):
             group = await emu.send_user_message("long task", conversation_type="group")
             single = await emu.send_user_message("long task too", conversation_type="single")
             await emu.wait_for_ack(group["messageId"])
@@ -153,8 +178,19 @@ async def test_an_expired_session_falls_back_to_the_openapi() -> None:
             refused = emu.calls("POST /robot/sendBySession")
             assert [c["code"] for c in refused] == [str(emu.settings.session_expired_errcode)] * 2
             deliveries = "host_dingtalk_deliveries_total"
-            assert metric(host.metrics, deliveries, app="default", route="openapi", outcome="ok") == 2
-            assert metric(host.metrics, deliveries, app="default", route="session_webhook", outcome="refused") == 2
+            assert (
+                metric(host.metrics, deliveries, app="default", route="openapi", outcome="ok") == 2
+            )
+            assert (
+                metric(
+                    host.metrics,
+                    deliveries,
+                    app="default",
+                    route="session_webhook",
+                    outcome="refused",
+                )
+                == 2
+            )
 
 
 @pytest.mark.anyio
@@ -162,9 +198,16 @@ async def test_twenty_conversations_stream_cards_at_once_without_a_qps_storm() -
     question = " ".join(f"w{i}" for i in range(50))
     plugins, sections = responder(chunk_delay=0.04, concurrency=32)
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_bot(
-            emu, *plugins, sections=sections, dingtalk={"cards": {"template_id": TEMPLATE}}, host={"concurrency": 32}
-        ) as host:
+        async with (
+            open_emulator() as emu,
+            open_bot(
+                emu,
+                *plugins,
+                sections=sections,
+                dingtalk={"cards": {"template_id": TEMPLATE}},
+                host={"concurrency": 32},
+            ) as host,
+        ):
             sent = []
             for i in range(20):
                 sent.append(await emu.send_user_message(question, conversation_type="group", conversation_id=f"cidBusy{i:02d}",
@@ -178,7 +221,10 @@ async def test_twenty_conversations_stream_cards_at_once_without_a_qps_storm() -
             streaming = emu.calls(STREAMING_API)
             rejected = sum(1 for c in streaming if c["code"] == QPS)
             assert rejected <= 3
-            assert metric(host.metrics, "host_dingtalk_card_qps_rejections_total", app="default") == rejected
+            assert (
+                metric(host.metrics, "host_dingtalk_card_qps_rejections_total", app="default")
+                == rejected
+            )
             accepted = [c for c in streaming if c["status"] == 200]
             intermediate = [c for c in accepted if not c["request"]["isFinalize"]]
             assert len(accepted) - len(intermediate) == 20 and len(intermediate) >= 10
@@ -196,7 +242,7 @@ async def test_shutdown_in_mid_stream_finalizes_every_card() -> None:
             async with open_bot(
                 emu, *plugins, sections=sections, dingtalk={"cards": {"template_id": TEMPLATE}},
                 host={"shutdown_timeout": 0.5},
-            ) as host:  # fmt: skip
+            ):  # fmt: skip
                 sent = [
                     await emu.send_user_message(question, conversation_type="group", conversation_id=f"cidStop{i}",
                                                 sender_staff_id=f"user{i}")
@@ -213,7 +259,9 @@ async def test_shutdown_in_mid_stream_finalizes_every_card() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_plugin_failing_or_timing_out_mid_stream_leaves_a_failed_card_not_a_stuck_one() -> None:
+async def test_a_plugin_failing_or_timing_out_mid_stream_leaves_a_failed_card_not_a_stuck_one() -> (
+    None
+):
     class Breaks:
         @hookimpl
         async def on_message(self, message: Message) -> Any:
@@ -228,15 +276,27 @@ async def test_a_plugin_failing_or_timing_out_mid_stream_leaves_a_failed_card_no
             return chunks()
 
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_bot(
-            emu, ("breaks", Breaks()), dingtalk={"cards": {"template_id": TEMPLATE}}, host={"stream_timeout": 1.0}
-        ) as host:
-            broken = await emu.send_user_message("break", conversation_type="group", conversation_id="cidBreak")
-            slow = await emu.send_user_message("slow", conversation_type="group", conversation_id="cidSlow")
+        async with (
+            open_emulator() as emu,
+            open_bot(
+                emu,
+                ("breaks", Breaks()),
+                dingtalk={"cards": {"template_id": TEMPLATE}},
+                host={"stream_timeout": 1.0},
+            ) as host,
+        ):
+            broken = await emu.send_user_message(
+                "break", conversation_type="group", conversation_id="cidBreak"
+            )
+            slow = await emu.send_user_message(
+                "slow", conversation_type="group", conversation_id="cidSlow"
+            )
             broken_card = await emu.wait_for_card(conversation_id=broken["conversationId"])
             slow_card = await emu.wait_for_card(conversation_id=slow["conversationId"])
             await settle(host)
-            assert broken_card["state"] == "FAILED" and broken_card["text"].startswith("first part, ")
+            assert broken_card["state"] == "FAILED" and broken_card["text"].startswith(
+                "first part, "
+            )
             assert "incomplete" in broken_card["text"]
             assert slow_card["state"] == "FAILED" and "took too long" in slow_card["text"]
             assert all(len(emu.bot_messages(s["conversationId"])) == 1 for s in (broken, slow))

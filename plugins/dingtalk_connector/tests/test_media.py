@@ -17,10 +17,10 @@ from host_dingtalk_connector.emulator import open_emulator
 from host_dingtalk_connector.emulator.media import png
 from host_dingtalk_connector.errors import MediaError
 from host_dingtalk_connector.media import MediaSettings, media_of
+from outkit import metric, open_outbound, user_message
 
 from host.metrics import Metrics
 from host.model import Conversation, FilePart, ImagePart, Message, Reply, RichTextPart
-from outkit import metric, open_outbound, user_message
 
 LIMIT = 30
 
@@ -44,7 +44,10 @@ async def test_every_media_type_is_downloaded_and_removed_after_handling(tmp_pat
     settings = MediaSettings(dir=str(tmp_path))
     with trio.fail_after(LIMIT):
         metrics = Metrics()
-        async with open_emulator() as emu, open_outbound(emu, media=settings, metrics=metrics) as outbound:
+        async with (
+            open_emulator() as emu,
+            open_outbound(emu, media=settings, metrics=metrics) as outbound,
+        ):
             messages = [
                 (await user_message(emu, "", msgtype=msgtype, conversation_type="single"))[0]
                 for msgtype in ("picture", "audio", "video", "file")
@@ -69,11 +72,25 @@ async def test_every_media_type_is_downloaded_and_removed_after_handling(tmp_pat
             kinds = [s[0] for s in seen]
             assert kinds == ["picture", "audio", "video", "file", "picture", "picture"]
             mimes = {kind: mime for kind, mime, _, _ in seen}
-            assert mimes == {"picture": "image/png", "audio": "audio/wav", "video": "video/mp4", "file": "text/plain"}
+            assert mimes == {
+                "picture": "image/png",
+                "audio": "audio/wav",
+                "video": "video/mp4",
+                "file": "text/plain",
+            }
             assert seen[3][2] == "report.txt"  # a file keeps its name
             # Handled: every temporary file and directory is gone.
             assert list(tmp_path.iterdir()) == []
-            assert metric(metrics, "host_dingtalk_media_total", app="default", direction="download", outcome="ok") == 6
+            assert (
+                metric(
+                    metrics,
+                    "host_dingtalk_media_total",
+                    app="default",
+                    direction="download",
+                    outcome="ok",
+                )
+                == 6
+            )
 
 
 @pytest.mark.anyio
@@ -82,33 +99,54 @@ async def test_too_large_files_are_refused_and_leave_nothing_behind(tmp_path: Pa
     big = {"name": "big.bin", "content": os.urandom(5000), "mime": "application/octet-stream"}
     with trio.fail_after(LIMIT):
         metrics = Metrics()
-        async with open_emulator() as emu, open_outbound(emu, media=settings, metrics=metrics) as outbound:
-            message, _ = await user_message(emu, "", msgtype="file", file=big, conversation_type="single")
+        async with (
+            open_emulator() as emu,
+            open_outbound(emu, media=settings, metrics=metrics) as outbound,
+        ):
+            message, _ = await user_message(
+                emu, "", msgtype="file", file=big, conversation_type="single"
+            )
             handled: list[str | None] = []
 
             async def plugin(message: Message) -> None:
                 part = message.parts[0]
                 assert isinstance(part, FilePart)
                 handled.append(part.media.path)
-                assert [p.name for p in tmp_path.iterdir() for _ in p.iterdir()] == []  # no partial file
+                assert [
+                    p.name for p in tmp_path.iterdir() for _ in p.iterdir()
+                ] == []  # no partial file
 
             await outbound.media_middleware()(message, plugin)
             assert handled == [None]  # still handled, just without the file
             assert list(tmp_path.iterdir()) == []
-            assert metric(metrics, "host_dingtalk_media_total", app="default", direction="download", outcome="too_large") == 1
+            assert (
+                metric(
+                    metrics,
+                    "host_dingtalk_media_total",
+                    app="default",
+                    direction="download",
+                    outcome="too_large",
+                )
+                == 1
+            )
 
 
 @pytest.mark.anyio
 async def test_failing_downloads_are_retried_and_bad_codes_refused(tmp_path: Path) -> None:
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_outbound(emu, media=MediaSettings(dir=str(tmp_path))) as outbound:
+        async with (
+            open_emulator() as emu,
+            open_outbound(emu, media=MediaSettings(dir=str(tmp_path))) as outbound,
+        ):
             client = outbound.clients["default"]
             message, _ = await user_message(emu, "", msgtype="picture", conversation_type="single")
             (part,) = message.parts
             assert isinstance(part, ImagePart)
             emu.faults.download_failures(2)  # the file server answers 500 twice
             path = await outbound.downloader.download(client, part.media, tmp_path)
-            assert path.exists() and sha(str(path)) == stored(emu, part.media.download_code)["sha256"]
+            assert (
+                path.exists() and sha(str(path)) == stored(emu, part.media.download_code)["sha256"]
+            )
             part.media.path = None
             emu.faults.download_failures(50)
             with pytest.raises(MediaError) as caught:
@@ -118,21 +156,32 @@ async def test_failing_downloads_are_retried_and_bad_codes_refused(tmp_path: Pat
             part.media.download_code = "not-a-real-download-code"
             with pytest.raises(MediaError) as caught:
                 await outbound.downloader.download(client, part.media, tmp_path)
-            assert caught.value.reason == "refused" and "invalidParameter.robotCode.downloadCode" in str(caught.value)
+            assert (
+                caught.value.reason == "refused"
+                and "invalidParameter.robotCode.downloadCode" in str(caught.value)
+            )
 
 
 @pytest.mark.anyio
 async def test_hostile_file_names_stay_inside_the_temporary_directory(tmp_path: Path) -> None:
     spec = {"name": "../../etc/passwd", "content": b"root:x:0:0", "mime": "text/plain"}
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_outbound(emu, media=MediaSettings(dir=str(tmp_path))) as outbound:
-            message, _ = await user_message(emu, "", msgtype="file", file=spec, conversation_type="single")
+        async with (
+            open_emulator() as emu,
+            open_outbound(emu, media=MediaSettings(dir=str(tmp_path))) as outbound,
+        ):
+            message, _ = await user_message(
+                emu, "", msgtype="file", file=spec, conversation_type="single"
+            )
             directory = tmp_path / "one"
             directory.mkdir()
             assert await outbound.download_media(message, directory) == 1
             part = message.parts[0]
             assert isinstance(part, FilePart) and part.media.path is not None
-            assert Path(part.media.path).parent == directory and Path(part.media.path).name == "passwd.txt"  # type added from the content
+            assert (
+                Path(part.media.path).parent == directory
+                and Path(part.media.path).name == "passwd.txt"
+            )  # type added from the content
 
 
 @pytest.mark.anyio
@@ -154,19 +203,32 @@ async def test_uploads_images_and_files_and_sends_them(tmp_path: Path) -> None:
             assert [m["msgtype"] for m in sent] == ["sampleImageMsg", "sampleFile"]
             assert sent[1]["text"] == "[file] report.pdf"
             # Markdown replies may name local images: uploaded, replaced by their media id.
-            message, info = await user_message(emu, "chart?", conversation_type="group", conversation_id="cidCharts")
+            message, info = await user_message(
+                emu, "chart?", conversation_type="group", conversation_id="cidCharts"
+            )
             await outbound.deliver(message, Reply.markdown(f"Here:\n![chart](file://{image})"))
             (reply,) = emu.bot_messages(info["conversationId"])
             assert "file://" not in reply["text"]
             used = reply["text"].split("![chart](", 1)[1].rstrip(")")
-            assert next(f for f in emu.files() if f["mediaId"] == used)["sha256"] == uploaded["sha256"]
+            assert (
+                next(f for f in emu.files() if f["mediaId"] == used)["sha256"] == uploaded["sha256"]
+            )
             # Over the size limit: refused before any call.
             big = tmp_path / "voice.amr"
             big.write_bytes(b"#!AMR" + b"\0" * (2 << 20))
             with pytest.raises(MediaError) as caught:
                 await outbound.upload_media(big, kind="voice")
             assert caught.value.reason == "too_large"
-            assert metric(metrics, "host_dingtalk_media_total", app="default", direction="upload", outcome="ok") == 4
+            assert (
+                metric(
+                    metrics,
+                    "host_dingtalk_media_total",
+                    app="default",
+                    direction="upload",
+                    outcome="ok",
+                )
+                == 4
+            )
 
 
 def test_media_of_walks_rich_text() -> None:

@@ -21,9 +21,9 @@ from host_dingtalk_connector.openapi import (
     robot_message,
 )
 from host_dingtalk_connector.retry import RetrySettings
+from outkit import calls, open_outbound
 
 from host.model import CardButton, Reply
-from outkit import calls, open_outbound
 
 LIMIT = 30
 GROUP_API = f"POST {GROUP_SEND}"
@@ -40,15 +40,32 @@ def buttons(n: int) -> list[CardButton]:
 
 def test_robot_message_mapping() -> None:
     assert robot_message(Reply.text_("hi")) == ("sampleText", {"content": "hi"})
-    assert robot_message(Reply.markdown("# Build 42\nok")) == ("sampleMarkdown", {"title": "Build 42", "text": "# Build 42\nok"})
-    assert robot_message(Reply.card("T", "body")) == ("sampleMarkdown", {"title": "T", "text": "body"})
+    assert robot_message(Reply.markdown("# Build 42\nok")) == (
+        "sampleMarkdown",
+        {"title": "Build 42", "text": "# Build 42\nok"},
+    )
+    assert robot_message(Reply.card("T", "body")) == (
+        "sampleMarkdown",
+        {"title": "T", "text": "body"},
+    )
     key, param = robot_message(Reply.card("T", "body", buttons(1)))
-    assert key == "sampleActionCard" and param["singleTitle"] == "b1" and param["singleURL"].endswith("/1")
+    assert (
+        key == "sampleActionCard"
+        and param["singleTitle"] == "b1"
+        and param["singleURL"].endswith("/1")
+    )
     key, param = robot_message(Reply.card("T", "body", buttons(3)))
-    assert key == "sampleActionCard3" and param["actionTitle3"] == "b3" and param["actionURL1"].endswith("/1")
+    assert (
+        key == "sampleActionCard3"
+        and param["actionTitle3"] == "b3"
+        and param["actionURL1"].endswith("/1")
+    )
     key, param = robot_message(Reply.card("T", "body", buttons(7)))
     assert key == "sampleActionCard5" and "actionTitle6" not in param
-    assert "[b6](https://example.com/6)" in param["text"] and "[b7](https://example.com/7)" in param["text"]
+    assert (
+        "[b6](https://example.com/6)" in param["text"]
+        and "[b7](https://example.com/7)" in param["text"]
+    )
 
 
 def test_error_classification_and_oapi_endpoint() -> None:
@@ -83,10 +100,18 @@ async def test_every_reply_kind_is_accepted_in_groups_and_1to1_chats() -> None:
                 assert await client.send_to_user("user0001", key, param, what="test")
             in_group = emu.bot_messages(group)
             in_chat = emu.bot_messages(chat)
-            expected = ["sampleText", "sampleMarkdown", "sampleActionCard", "sampleActionCard3", "sampleActionCard5"]
+            expected = [
+                "sampleText",
+                "sampleMarkdown",
+                "sampleActionCard",
+                "sampleActionCard3",
+                "sampleActionCard5",
+            ]
             assert [m["msgtype"] for m in in_group] == expected
             assert [m["msgtype"] for m in in_chat] == expected
-            assert {m["via"] for m in in_group} == {"groupMessages"} and {m["via"] for m in in_chat} == {"oToMessages"}
+            assert {m["via"] for m in in_group} == {"groupMessages"} and {
+                m["via"] for m in in_chat
+            } == {"oToMessages"}
             body = in_group[1]["body"]
             assert body["robotCode"] == emu.settings.effective_robot_code
             assert json.loads(body["msgParam"]) == {"title": "Title", "text": "**bold**"}
@@ -98,14 +123,25 @@ async def test_permanent_errors_are_raised_at_once_with_dingtalk_request_id() ->
         async with open_emulator() as emu, open_outbound(emu) as outbound:
             client = outbound.clients["default"]
             with pytest.raises(OpenApiError) as caught:
-                await client.send_to_group("cidNOSUCHGROUP", "sampleText", {"content": "x"}, what="message to cidNOSUCHGROUP")
+                await client.send_to_group(
+                    "cidNOSUCHGROUP",
+                    "sampleText",
+                    {"content": "x"},
+                    what="message to cidNOSUCHGROUP",
+                )
             error = caught.value
-            assert error.status == 400 and error.code == "invalid.openConversationId" and not error.transient
+            assert (
+                error.status == 400
+                and error.code == "invalid.openConversationId"
+                and not error.transient
+            )
             assert error.request_id and f"DingTalk request id {error.request_id}" in str(error)
             assert "message to cidNOSUCHGROUP" in str(error)
             assert len(calls(emu, GROUP_API)) == 1  # not retried
             with pytest.raises(OpenApiError) as caught:
-                await client.send_to_user("nobody-here", "sampleText", {"content": "x"}, what="test")
+                await client.send_to_user(
+                    "nobody-here", "sampleText", {"content": "x"}, what="test"
+                )
             assert caught.value.code == "invalidStaffId"
 
 
@@ -116,7 +152,9 @@ async def test_qps_rejections_are_retried_and_slow_the_budget_down() -> None:
             client = outbound.clients["default"]
             bucket = client.budget(GROUP_API)
             emu.faults.qps_errors(2, api=GROUP_API)
-            await client.send_to_group(emu.state.default_group.id, "sampleText", {"content": "hi"}, what="test")
+            await client.send_to_group(
+                emu.state.default_group.id, "sampleText", {"content": "hi"}, what="test"
+            )
             assert [c["code"] for c in calls(emu, GROUP_API)] == [
                 "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
                 "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
@@ -131,7 +169,10 @@ async def test_a_burst_of_sends_stays_within_dingtalks_qps_limit() -> None:
     """30 sends at once with no retries allowed: the budget alone keeps DingTalk from refusing any."""
     budget = ApiBudgetSettings(calls_per_second=12.0, burst=4.0)
     with trio.fail_after(LIMIT):
-        async with open_emulator() as emu, open_outbound(emu, budget=budget, retry=RetrySettings(attempts=1)) as outbound:
+        async with (
+            open_emulator() as emu,
+            open_outbound(emu, budget=budget, retry=RetrySettings(attempts=1)) as outbound,
+        ):
             client = outbound.clients["default"]
             group = emu.state.default_group.id
 

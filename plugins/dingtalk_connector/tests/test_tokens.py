@@ -16,10 +16,10 @@ from host_dingtalk_connector.errors import TokenError
 from host_dingtalk_connector.metrics import OutboundMetrics
 from host_dingtalk_connector.retry import RetrySettings
 from host_dingtalk_connector.tokens import TOKEN_PATH, AccessTokens
+from outkit import FAST_RETRY, app_for, calls, metric, open_outbound
 
 from host.config import Secret
 from host.metrics import Metrics
-from outkit import FAST_RETRY, app_for, calls, metric, open_outbound
 
 LIMIT = 30
 TOKEN_API = f"POST {TOKEN_PATH}"
@@ -48,7 +48,10 @@ async def test_one_request_for_many_concurrent_callers_then_cached() -> None:
             assert await tokens.get() == values[0]
             assert len(calls(emu, TOKEN_API)) == 1
             assert tokens.statistics()["requests"] == 1
-            assert metric(metrics, "host_dingtalk_token_refreshes_total", app="default", outcome="ok") == 1
+            assert (
+                metric(metrics, "host_dingtalk_token_refreshes_total", app="default", outcome="ok")
+                == 1
+            )
             # The token is a secret: masked wherever it would be logged, absent from the repr.
             assert values[0] not in repr(tokens)
 
@@ -57,7 +60,10 @@ async def test_one_request_for_many_concurrent_callers_then_cached() -> None:
 async def test_refreshed_before_it_expires() -> None:
     with trio.fail_after(LIMIT):
         # A 2 s token: the cache refreshes it from half its lifetime on (at most refresh_margin early).
-        async with open_emulator(token_ttl=2.0, token_refresh_extends=False) as emu, httpx.AsyncClient() as http:
+        async with (
+            open_emulator(token_ttl=2.0, token_refresh_extends=False) as emu,
+            httpx.AsyncClient() as http,
+        ):
             tokens = AccessTokens(app_for(emu), http, OutboundMetrics(Metrics()), retry=FAST_RETRY)
             first = await tokens.get()
             assert await tokens.get() == first
@@ -105,7 +111,9 @@ async def test_refused_credentials_fail_fast_with_the_code_and_request_id(host_l
             metrics = Metrics()
             wrong = "wrong-secret-value-1234"
             app = app_for(emu, client_secret=Secret(wrong))
-            tokens = AccessTokens(app, http, OutboundMetrics(metrics), retry=FAST_RETRY, failure_cooldown=60)
+            tokens = AccessTokens(
+                app, http, OutboundMetrics(metrics), retry=FAST_RETRY, failure_cooldown=60
+            )
             with pytest.raises(TokenError) as caught:
                 await tokens.get()
             error = caught.value
@@ -117,7 +125,12 @@ async def test_refused_credentials_fail_fast_with_the_code_and_request_id(host_l
             with pytest.raises(TokenError):
                 await tokens.get()
             assert len(calls(emu, TOKEN_API)) == 1
-            assert metric(metrics, "host_dingtalk_token_refreshes_total", app="default", outcome="refused") == 1
+            assert (
+                metric(
+                    metrics, "host_dingtalk_token_refreshes_total", app="default", outcome="refused"
+                )
+                == 1
+            )
     assert wrong not in host_logs.text()
 
 
@@ -136,7 +149,12 @@ async def test_network_failures_are_retried_then_reported_as_transient() -> None
                 await tokens.get()
             assert caught.value.transient
             assert tokens.requests == FAST_RETRY.attempts
-            assert metric(metrics, "host_dingtalk_token_refreshes_total", app="default", outcome="error") == 1
+            assert (
+                metric(
+                    metrics, "host_dingtalk_token_refreshes_total", app="default", outcome="error"
+                )
+                == 1
+            )
 
 
 def app_for_port(port: int) -> Any:
@@ -183,7 +201,10 @@ async def test_a_waiter_takes_over_when_the_leader_is_cancelled() -> None:
             port = listeners[0].socket.getsockname()[1]
             async with httpx.AsyncClient() as http:
                 tokens = AccessTokens(
-                    app_for_port(port), http, OutboundMetrics(Metrics()), retry=RetrySettings(attempts=1, timeout=60)
+                    app_for_port(port),
+                    http,
+                    OutboundMetrics(Metrics()),
+                    retry=RetrySettings(attempts=1, timeout=60),
                 )
                 results: list[str] = []
                 leader_scope = trio.CancelScope()

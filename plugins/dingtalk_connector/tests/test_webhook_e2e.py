@@ -20,7 +20,7 @@ from host_dingtalk_connector.webhook_connector import WebhookConnector
 from streamkit import Recorder, app_table
 from webhookkit import AuditRecorder, open_webhook_host, webhook_config
 
-from host import Reply
+from host import Reply, hookimpl
 from host.errors import ConfigError
 
 LIMIT = 30  # seconds, real clock: generous for a loaded 2-core machine
@@ -95,8 +95,6 @@ async def test_inline_answers_can_be_turned_off() -> None:
 
 class Streamer:
     """Answers with a streamed reply (no card template: sent as one markdown message at the end)."""
-
-    from host import hookimpl
 
     @hookimpl
     async def on_message(self, message: Any) -> Any:
@@ -277,8 +275,6 @@ async def test_several_apps_share_the_callback_path() -> None:
 @pytest.mark.anyio
 async def test_reply_mentions_follow_the_reply_settings() -> None:
     class Mentioner:
-        from host import hookimpl
-
         @hookimpl
         def on_message(self, message: Any) -> Reply:
             return Reply(text="noted", mention_sender=True)

@@ -194,8 +194,9 @@ class GatewayFront:
             downstream.socket.close()
             upstream.socket.close()
             link.done.set()
-            # Keep the mapping a moment so the app's disconnect handler can still read the
-            # scanner; it is dropped when the next connection reuses the port.
+            # The app server looked the link up when it accepted the WebSocket (and keeps it).
+            if self.links.get(local_port) is link:
+                del self.links[local_port]
 
     async def _pump(self, link: Link, src: trio.SocketStream, dst: trio.SocketStream,
                     client_to_server: bool) -> None:
