@@ -77,7 +77,6 @@ def run_host_bot(endpoint: str, client_id: str, mode: str) -> None:
         },
         "nlp_bridge": {
             "reply_format": "text",
-            "stream": os.environ.get("BENCH_NLP_STREAM", "1") == "1",
             "backends": {"echo": {"type": "echo", "chunk_delay": CARD_DELAY if cards else 0.0}},
             "limits": {"max_concurrency": 64, "queue_size": 10000, "user_rate_per_minute": 0},
         },
@@ -233,6 +232,7 @@ async def card_load(emu: Any, label: str) -> dict[str, Any]:
         done = [c for c in cards if c["state"] in ("FINISHED", "FAILED")]
         return cards if len(cards) == CARD_USERS and len(done) == CARD_USERS else None
 
+    cards: list[Any] = []
     with trio.move_on_after(60):
         cards = await emu.wait_until(finished)
     elapsed = time.perf_counter() - started
