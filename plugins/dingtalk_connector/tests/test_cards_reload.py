@@ -3,6 +3,8 @@ whole answer, the new version streams its own cards, and the old HTTP client is 
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +20,25 @@ LIMIT = 60
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("trio", {})
+
+
+@pytest.fixture(autouse=True)
+def _restore_modules() -> Iterator[None]:
+    """A reload re-imports ``host_dingtalk_connector``: put the original modules back afterwards, so
+    the tests that run next see the same classes as the modules they imported."""
+    saved = {
+        k: m
+        for k, m in sys.modules.items()
+        if k == "host_dingtalk_connector" or k.startswith("host_dingtalk_connector.")
+    }
+    yield
+    for key in [
+        k
+        for k in sys.modules
+        if k == "host_dingtalk_connector" or k.startswith("host_dingtalk_connector.")
+    ]:
+        del sys.modules[key]
+    sys.modules.update(saved)
 
 
 class Streamer:

@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 LIMIT = 60.0
 HAS_BRIDGE = importlib.util.find_spec("host_nlp_bridge") is not None and not os.environ.get(
     "DINGTALK_TESTS_WITHOUT_NLP_BRIDGE"
@@ -66,6 +68,11 @@ def prepare(cwd: Path, *, delay: float = 0.0) -> None:
     (cwd / "host.toml").write_text(
         '[plugins]\ndeny = ["nlp_bridge"]\n[host.reload]\nplugins_dir = "plugins"\n'
     )
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    return ("trio", {})  # real sockets: the real clock
 
 
 def demo_env(**extra: str) -> dict[str, str]:
@@ -181,3 +188,39 @@ def test_interactive_chat_in_a_terminal_streams_into_a_card_and_stops_on_ctrl_c(
         os.close(master)
         if process.stderr is not None:
             process.stderr.close()
+
+
+@pytest.mark.anyio
+async def test_demo_configuration_replaces_credentials_and_keeps_the_rest() -> None:
+    """Configured credentials, apps and mode are replaced by the emulator's; other settings stay."""
+    import trio
+    from host_dingtalk_connector.demo import DEMO_TEMPLATE, demo_config
+    from host_dingtalk_connector.emulator import open_emulator
+
+    user = {
+        "dingtalk": {
+            "client_id": "dingrealapp",
+            "client_secret": {"env": "REAL_SECRET"},
+            "mode": "webhook",
+            "replies": {"mention_sender": True},
+            "apps": {"other": {"client_id": "x"}},
+        },
+        "http": {"addr": "0.0.0.0:9464"},
+        "host": {"control_socket": ".host/control.sock", "concurrency": 4},
+    }
+    with trio.fail_after(30):
+        async with open_emulator() as emu:
+            data = demo_config(user, emu, "logs/x.log")
+    dingtalk = data["dingtalk"]
+    assert (
+        dingtalk["client_id"] == emu.settings.client_id
+        and dingtalk["openapi_endpoint"] == emu.base_url
+    )
+    assert "apps" not in dingtalk and dingtalk["mode"] == "stream"
+    assert (
+        dingtalk["replies"] == {"mention_sender": True}
+        and dingtalk["cards"]["template_id"] == DEMO_TEMPLATE
+    )
+    assert data["http"]["enabled"] is False and data["host"]["control_socket"] == ""
+    assert data["host"]["concurrency"] == 4 and data["logging"]["file"] == "logs/x.log"
+    assert user["dingtalk"]["client_id"] == "dingrealapp"  # the caller's data is not modified

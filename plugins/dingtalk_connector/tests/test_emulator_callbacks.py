@@ -20,8 +20,7 @@ import httpx
 import hypercorn.trio
 import pytest
 import trio
-from host_dingtalk_connector.emulator import open_emulator
-from host_dingtalk_connector.emulator.callbacks import callback_routes, open_callbacks
+from host_dingtalk_connector.emulator import open_callbacks, open_emulator
 from hypercorn.config import Config
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -145,12 +144,11 @@ async def test_signing_options_and_replays() -> None:
             assert wrong.outcome == tampered.outcome == "answered"  # this bot does not refuse anything
 
 
-async def test_control_api_routes_drive_webhook_mode() -> None:
+async def test_the_control_api_drives_webhook_mode() -> None:
     with trio.fail_after(LIMIT):
         async with open_emulator() as emu:
             bot = ScriptedBot(emu.settings.client_secret)
-            control = Starlette(routes=callback_routes(emu))
-            async with serve_bot(bot) as url, serve_app(control) as base, httpx.AsyncClient(base_url=base) as http:
+            async with serve_bot(bot) as url, httpx.AsyncClient(base_url=emu.base_url) as http:
                 sent = await http.post("/_emulator/webhook-callbacks",
                                        json={"url": url, "text": "hi", "conversationType": "group"})
                 assert sent.status_code == 200, sent.text

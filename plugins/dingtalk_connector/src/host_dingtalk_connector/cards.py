@@ -16,8 +16,8 @@ With ``[dingtalk.cards] template_id`` set, a streamed reply becomes an AI card:
    retried on transient errors and QpsLimit (same ``guid``, so a retry is idempotent).
 
 A card **always ends finalized or failed**: ``finish``/``fail`` are called by the host exactly once
-whatever happens to the plugin (exceptions, timeouts, shutdown); and if the host's task is torn down
-before that, the card service finalizes every card still open when it stops. When a card cannot be
+whatever happens to the plugin (exceptions, timeouts, shutdown); and should one still be open at
+shutdown, ``CardService.end_all`` (the plugin's ``on_shutdown``) marks it failed. When a card cannot be
 finalized, or could not be created, the answer is sent as a message instead, so the user still gets
 it.
 
@@ -299,7 +299,7 @@ class AICardStream:
         return head.rstrip() + tail, text[len(head) :].lstrip("\n")
 
     async def pump(self) -> None:
-        """Send intermediate updates until the stream ends (runs in the card service's nursery)."""
+        """Send intermediate updates until the stream ends (runs in the plugin's ``TaskRunner``)."""
         try:
             await self._pump()
         except Exception as exc:  # a bug here must not take the other cards' loops down
@@ -426,11 +426,11 @@ class AICardStream:
             return overflow
 
     async def abandon(self, note: str) -> None:
-        """End the card now: the card service stops (shutdown) and the card is still open."""
+        """End the card now: the host shuts down and the card is still open."""
         try:
             if not self.ended:
                 logger.warning(
-                    "card {}: still open when the card service stopped; marking it failed",
+                    "card {}: still open at shutdown; marking it failed",
                     self.out_track_id,
                 )
                 await self.fail(note)

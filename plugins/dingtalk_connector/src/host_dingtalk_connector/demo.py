@@ -128,6 +128,8 @@ def demo_config(data: dict[str, Any], emu: Emulator, log_file: str) -> dict[str,
     mine.update(enabled=True, client_id=emu.settings.client_id, client_secret=emu.settings.client_secret,
                 openapi_endpoint=emu.base_url)  # fmt: skip
     mine["cards"] = {"template_id": DEMO_TEMPLATE, **mine.get("cards", {})}
+    if "mode" in mine:
+        mine["mode"] = "stream"  # the demo talks to the emulator over the Stream connection
     data["dingtalk"] = mine
     if (
         importlib.util.find_spec("host_nlp_bridge") is not None

@@ -14,6 +14,7 @@ control API under ``/_emulator/``). See the plugin README for every endpoint, se
 
 from __future__ import annotations
 
+from .callbacks import CallbackDriver, CallbackRecord, open_callbacks
 from .errors import ApiError, EmulatorError, NoConnection, NotFound, OapiError
 from .faults import MALFORMED_KINDS, Faults
 from .gateway import BOT_TOPIC, CARD_CALLBACK_TOPIC
@@ -27,6 +28,8 @@ __all__ = [
     "DEFAULT_CLIENT_SECRET",
     "MALFORMED_KINDS",
     "ApiError",
+    "CallbackDriver",
+    "CallbackRecord",
     "Emulator",
     "EmulatorError",
     "EmulatorSettings",
@@ -34,5 +37,6 @@ __all__ = [
     "NoConnection",
     "NotFound",
     "OapiError",
+    "open_callbacks",
     "open_emulator",
 ]

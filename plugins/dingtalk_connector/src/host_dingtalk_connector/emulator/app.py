@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from .callbacks import callback_routes
 from .control import ControlApi
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ def build_app(emu: Emulator) -> Starlette:
         api.route("POST", "/v1.0/card/callbacks/register", cards.register_callback),
         api.route("POST", "/v1.0/im/v1.0/robot/interactiveCards/send", cards.legacy_send),
         api.route("PUT", "/v1.0/im/robots/interactiveCards", cards.legacy_update),
-        *ControlApi(emu).routes(),
+        *callback_routes(emu),  # webhook mode: signed callbacks POSTed to a bot (callbacks.py)
+        *ControlApi(emu).routes(),  # ends with a catch-all for unknown /_emulator/ paths
         api.fallback_route(),
     ]
     return Starlette(routes=routes)

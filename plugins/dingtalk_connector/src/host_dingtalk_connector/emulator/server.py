@@ -20,6 +20,9 @@ from hypercorn.config import Config
 
 from host.logs import logger
 
+# Imported at module level (not lazily in _start): a hot reload of the connector plugin drops these
+# modules from sys.modules, and a lazy import would then mix two generations of the error classes.
+from .app import build_app
 from .cards import CardService
 from .clock import EmulatorClock
 from .errors import EmulatorError, NotFound
@@ -69,8 +72,6 @@ class Emulator:
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def _start(self, nursery: trio.Nursery) -> None:
-        from .app import build_app
-
         settings = self.settings
         config = Config()
         config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host
