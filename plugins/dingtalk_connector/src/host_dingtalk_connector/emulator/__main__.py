@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(_serve, settings)
     except KeyboardInterrupt:
         return 0
+    except BaseExceptionGroup as group:
+        # Ctrl-C can surface wrapped by a nursery (hypercorn's) rather than bare.
+        interrupted, rest = group.split(KeyboardInterrupt)
+        if interrupted is not None and rest is None:
+            return 0
+        raise
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
