@@ -276,6 +276,15 @@ class Dispatcher:
 
     # -- hot-reload support ------------------------------------------------------------------
 
+    def hold(self, plugin: str) -> None:
+        """Count work of ``plugin`` that outlives its hook call (a streamed reply being read)."""
+        self.inflight[plugin] = self.inflight.get(plugin, 0) + 1
+
+    def release(self, plugin: str) -> None:
+        remaining = self.inflight[plugin] = self.inflight.get(plugin, 1) - 1
+        if remaining <= 0 and plugin in self.paused:
+            self._wake_idle()
+
     def pause(self, plugin: str) -> None:
         """Stop routing new calls to ``plugin`` (calls in flight continue)."""
         self.paused.add(plugin)

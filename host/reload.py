@@ -324,7 +324,13 @@ class Reloader:
     async def reload_plugin(self, name: str, *, reason: str = "manual") -> ReloadResult:
         """Reload, load or unload ``name`` so that it matches what is installed now."""
         async with self._lock:
-            result = await self._reload(name, reason)
+            # Audit entries emitted during the swap wait until it is over: the plugin being swapped
+            # may be the one that stores them (its log is closed between the two versions).
+            self.host.hold_audit()
+            try:
+                result = await self._reload(name, reason)
+            finally:
+                self.host.release_audit()
         self.reloads.labels(name, result.outcome).inc()
         details = {k: v for k, v in result.as_dict().items() if k != "plugin" and v is not None}
         details["reason"] = reason

@@ -80,6 +80,7 @@ class Host:
         self._audit_wakeup = trio.Event()
         self._audit_ready = trio.Event()
         self._audit_lock = trio.Lock()
+        self._audit_holds = 0
         self._chain: Callable[[Message], Awaitable[None]] = self._answer
         self._setup_metrics()
         plugins.listeners.append(self._on_plugin_state)
@@ -550,6 +551,8 @@ class Host:
     async def _collect(self, plugin: str, chunks: AsyncIterator[str]) -> tuple[str, str]:
         parts: list[str] = []
         token = current_plugin.set(plugin)
+        # The plugin's code runs while we read its stream: hot reload must wait for it (drain).
+        self.dispatcher.hold(plugin)
         try:
             with trio.move_on_after(self.config.host.stream_timeout) as scope:
                 async for chunk in chunks:
@@ -561,12 +564,15 @@ class Host:
         finally:
             current_plugin.reset(token)
             await _aclose(chunks)
+            self.dispatcher.release(plugin)
         return "".join(parts), note
 
     async def _pump(self, message: Message, plugin: str, chunks: AsyncIterator[str], stream: ReplyStream) -> bool:
         """Feed chunks into ``stream``; it is finished or failed exactly once, whatever happens."""
         ended = False
         token = current_plugin.set(plugin)
+        # The plugin's code runs while we read its stream: hot reload must wait for it (drain).
+        self.dispatcher.hold(plugin)
         try:
             with trio.move_on_after(self.config.host.stream_timeout) as scope:
                 first = True
@@ -604,6 +610,7 @@ class Host:
                         logger.error("could not finalize the streamed reply: {!r}", exc)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await _aclose(chunks)
+            self.dispatcher.release(plugin)
 
     # -- proactive sending and audit ---------------------------------------------------------
 
@@ -646,7 +653,8 @@ class Host:
         """Record an auditable action and wait until every ``on_audit`` implementation had it.
 
         The one call a plugin makes to audit its own sensitive operations. Secrets in ``details``
-        are redacted first.
+        are redacted first. While hot reload is swapping a plugin, entries stay queued and are
+        stored, in order, as soon as the swap is over.
         """
         self._audit_backlog.append(
             AuditEntry(
@@ -661,7 +669,18 @@ class Host:
         # Flush here rather than waking the flusher task: no task switch on the awaited path.
         await self._flush_audit()
 
+    def hold_audit(self) -> None:
+        """Keep audit entries queued (e.g. while an audit plugin is being swapped by hot reload)."""
+        self._audit_holds += 1
+
+    def release_audit(self) -> None:
+        self._audit_holds -= 1
+        if self._audit_holds == 0:
+            self._audit_wakeup.set()
+
     async def _flush_audit(self) -> None:
+        if self._audit_holds:
+            return  # delivered when the hold is released, in order
         # One flusher at a time keeps entries in the order they were emitted.
         async with self._audit_lock:
             while self._audit_backlog:
