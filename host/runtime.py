@@ -630,15 +630,7 @@ class Host:
         details: dict[str, Any] | None = None,
     ) -> None:
         """Queue an audit entry for ``on_audit`` (usable from sync code; delivered in order)."""
-        entry = AuditEntry(
-            category=category,
-            action=action,
-            actor=actor,
-            target=target,
-            details=redact(details or {}),
-            request_id=current_request_id.get() or None,
-        )
-        self._audit_backlog.append(entry)
+        self._audit_backlog.append(_audit_entry(category, action, actor, target, details))
         self._audit_wakeup.set()
 
     async def audit(
@@ -656,16 +648,7 @@ class Host:
         are redacted first. While hot reload is swapping a plugin, entries stay queued and are
         stored, in order, as soon as the swap is over.
         """
-        self._audit_backlog.append(
-            AuditEntry(
-                category=category,
-                action=action,
-                actor=actor,
-                target=target,
-                details=redact(details or {}),
-                request_id=current_request_id.get() or None,
-            )
-        )
+        self._audit_backlog.append(_audit_entry(category, action, actor, target, details))
         # Flush here rather than waking the flusher task: no task switch on the awaited path.
         await self._flush_audit()
 
@@ -712,6 +695,19 @@ class Host:
 _TIMEOUT_NOTE = "\n\n(The answer was cut off because it took too long.)"
 _BROKEN_NOTE = "\n\n(Sorry, this answer is incomplete: something went wrong while writing it.)"
 _SHUTDOWN_NOTE = "\n\n(This answer was interrupted because the bot is restarting. Please ask again.)"
+
+
+def _audit_entry(
+    category: str, action: str, actor: str, target: str | None, details: dict[str, Any] | None
+) -> AuditEntry:
+    return AuditEntry(
+        category=category,
+        action=action,
+        actor=actor,
+        target=target,
+        details=redact(details or {}),
+        request_id=current_request_id.get() or None,
+    )
 
 
 async def _open_services_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
