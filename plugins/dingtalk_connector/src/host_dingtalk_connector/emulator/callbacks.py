@@ -41,7 +41,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .errors import EmulatorError, NotFound, OapiError
-from .messages import MSGTYPES, build_message, decode_file_spec
 from .state import BotMessage, UserMessage
 from .webhook import validate_webhook_body
 
@@ -202,34 +201,11 @@ class CallbackDriver:
                       rich_text: list[dict[str, Any]] | None, file: dict[str, Any] | None,
                       fields: dict[str, Any]) -> tuple[dict[str, Any], UserMessage]:
         """Build the payload and put the user's message in its conversation (as a Stream push does)."""
-        state, settings = self.emu.state, self.emu.settings
-        kind = _CONVERSATION_TYPES.get(conversation_type)
-        if kind is None:
-            raise EmulatorError(f"conversation_type must be 'single' or 'group', not {conversation_type!r}")
-        if msgtype not in MSGTYPES and content is None:
-            raise EmulatorError(f"msgtype must be one of {', '.join(MSGTYPES)} (or give content=...)")
-        staff_id = sender_staff_id or next(iter(settings.users), "user0001")
-        sender = state.user(staff_id, sender_nick or settings.users.get(staff_id))
-        if kind == "1":
-            conv = state.single_chat(sender)
-            if conversation_id is not None and conversation_id != conv.id:
-                raise EmulatorError(f"{staff_id}'s 1:1 chat with the robot is {conv.id}, not {conversation_id}")
-        else:
-            conv = state.group(conversation_id or state.default_group.id, conversation_title)
-            if staff_id not in conv.members:
-                conv.members.append(staff_id)
-        msg_id = state.ids.msg_id()
-        created_ms = state.clock.epoch_ms()
-        session = state.new_session(conv.id, staff_id)
-        payload, readable = build_message(
-            state, conversation=conv, sender=sender, session=session, msg_id=msg_id, created_ms=created_ms,
-            msgtype=msgtype, text=text, at_bot=at_bot, at_users=list(at_users), content=content,
-            rich_text=rich_text, file=decode_file_spec(file), fields=fields,
-        )  # fmt: skip
-        record = UserMessage(seq=state.next_seq(), conversation_id=conv.id, msg_id=msg_id, msgtype=msgtype,
-                             text=readable, sender=sender, created_ms=created_ms, payload=payload)  # fmt: skip
-        conv.timeline.append(record)
-        return payload, record
+        return self.emu.prepare_user_message(
+            text, msgtype=msgtype, conversation_type=conversation_type, sender_staff_id=sender_staff_id,
+            sender_nick=sender_nick, conversation_id=conversation_id, conversation_title=conversation_title,
+            at_bot=at_bot, at_users=at_users, content=content, rich_text=rich_text, file=file, fields=fields,
+        )
 
     async def _post(self, record: CallbackRecord) -> CallbackRecord:
         try:

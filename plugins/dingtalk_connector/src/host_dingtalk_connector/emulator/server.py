@@ -97,6 +97,48 @@ class Emulator:
         logger.info("emulator: DingTalk emulator at {} (gateway {})", self.base_url, self.gateway_url)
 
     # --- acting as DingTalk users ---------------------------------------------------------------
+    def prepare_user_message(
+        self, text: str, *, msgtype: str, conversation_type: str, sender_staff_id: str | None,
+        sender_nick: str | None, conversation_id: str | None, conversation_title: str | None,
+        at_bot: bool, at_users: list[str] | tuple[str, ...], content: dict[str, Any] | None,
+        rich_text: list[dict[str, Any]] | None, file: dict[str, Any] | None, fields: dict[str, Any],
+    ) -> tuple[dict[str, Any], UserMessage]:
+        """Build a user's message payload and put it in its conversation, without pushing it.
+
+        Shared by the Stream push (``send_user_message``) and the webhook-mode driver (callbacks).
+        """
+        state, settings = self.state, self.settings
+        kind = _CONVERSATION_TYPES.get(conversation_type)
+        if kind is None:
+            raise EmulatorError(f"conversation_type must be 'single' or 'group', not {conversation_type!r}")
+        if not isinstance(text, str):
+            raise EmulatorError("text must be a string")
+        if msgtype not in MSGTYPES and content is None:
+            raise EmulatorError(f"msgtype must be one of {', '.join(MSGTYPES)} (or give content=...)")
+        staff_id = sender_staff_id or next(iter(settings.users), "user0001")
+        sender = state.user(staff_id, sender_nick or settings.users.get(staff_id))
+        if kind == "1":
+            conv = state.single_chat(sender)
+            if conversation_id is not None and conversation_id != conv.id:
+                raise EmulatorError(f"{staff_id}'s 1:1 chat with the robot is {conv.id}, not {conversation_id}")
+        else:
+            conv = state.group(conversation_id or state.default_group.id, conversation_title)
+            if staff_id not in conv.members:
+                conv.members.append(staff_id)
+        msg_id = state.ids.msg_id()
+        created_ms = state.clock.epoch_ms()
+        session = state.new_session(conv.id, staff_id)
+        payload, readable = build_message(
+            state, conversation=conv, sender=sender, session=session, msg_id=msg_id,
+            created_ms=created_ms, msgtype=msgtype, text=text, at_bot=at_bot,
+            at_users=list(at_users), content=content, rich_text=rich_text,
+            file=decode_file_spec(file), fields=fields)
+        record = UserMessage(seq=state.next_seq(), conversation_id=conv.id, msg_id=msg_id,
+                             msgtype=msgtype, text=readable, sender=sender, created_ms=created_ms,
+                             payload=payload)
+        conv.timeline.append(record)
+        return payload, record
+
     async def send_user_message(
         self,
         text: str = "hello",
@@ -130,36 +172,12 @@ class Emulator:
         ``connectionId``, ``delivered``, ``note``, ``sessionWebhook`` and the ``payload``.
         """
         allow_oversized = bool(fields.pop("_allow_oversized", False))
-        state, settings = self.state, self.settings
-        kind = _CONVERSATION_TYPES.get(conversation_type)
-        if kind is None:
-            raise EmulatorError(f"conversation_type must be 'single' or 'group', not {conversation_type!r}")
-        if not isinstance(text, str):
-            raise EmulatorError("text must be a string")
-        if msgtype not in MSGTYPES and content is None:
-            raise EmulatorError(f"msgtype must be one of {', '.join(MSGTYPES)} (or give content=...)")
-        staff_id = sender_staff_id or next(iter(settings.users), "user0001")
-        sender = state.user(staff_id, sender_nick or settings.users.get(staff_id))
-        if kind == "1":
-            conv = state.single_chat(sender)
-            if conversation_id is not None and conversation_id != conv.id:
-                raise EmulatorError(f"{staff_id}'s 1:1 chat with the robot is {conv.id}, not {conversation_id}")
-        else:
-            conv = state.group(conversation_id or state.default_group.id, conversation_title)
-            if staff_id not in conv.members:
-                conv.members.append(staff_id)
-        msg_id = state.ids.msg_id()
-        created_ms = state.clock.epoch_ms()
-        session = state.new_session(conv.id, staff_id)
-        payload, readable = build_message(
-            state, conversation=conv, sender=sender, session=session, msg_id=msg_id,
-            created_ms=created_ms, msgtype=msgtype, text=text, at_bot=at_bot,
-            at_users=list(at_users), content=content, rich_text=rich_text,
-            file=decode_file_spec(file), fields=fields)
-        record = UserMessage(seq=state.next_seq(), conversation_id=conv.id, msg_id=msg_id,
-                             msgtype=msgtype, text=readable, sender=sender, created_ms=created_ms,
-                             payload=payload)
-        conv.timeline.append(record)
+        payload, record = self.prepare_user_message(
+            text, msgtype=msgtype, conversation_type=conversation_type, sender_staff_id=sender_staff_id,
+            sender_nick=sender_nick, conversation_id=conversation_id, conversation_title=conversation_title,
+            at_bot=at_bot, at_users=at_users, content=content, rich_text=rich_text, file=file, fields=fields,
+        )  # fmt: skip
+        state, msg_id, kind = self.state, record.msg_id, _CONVERSATION_TYPES[conversation_type]
         self._user_messages[msg_id] = record
         frame: FrameRecord | None = None
         if kind == "2" and not at_bot:
@@ -173,7 +191,7 @@ class Emulator:
                 record.delivered = True
                 record.message_ids.append(frame.message_id)
         state.notifier.notify()
-        return {"msgId": msg_id, "conversationId": conv.id,
+        return {"msgId": msg_id, "conversationId": record.conversation_id,
                 "messageId": None if frame is None else frame.message_id,
                 "connectionId": None if frame is None else frame.connection_id,
                 "delivered": frame is not None, "note": record.note,
