@@ -91,7 +91,7 @@ def integration(session: nox.Session) -> None:
     # The reload-under-traffic test runs on its own: if it fails it may leave sockets behind whose
     # ResourceWarnings would surface in whichever test runs next.
     session.run("pytest", "tests", "--ignore=tests/test_integration_reload.py", *session.posargs)
-    session.run("pytest", "tests/test_integration_reload.py", "-rxX")
+    session.run("pytest", "tests/test_integration_reload.py")
     # The DingTalk end-to-end and demo tests again, now answered by the real NLP bridge (in the
     # plugin's own session they use a local echo stand-in).
     session.chdir("plugins/dingtalk_connector")

@@ -330,6 +330,9 @@ class Reloader:
             try:
                 result = await self._reload(name, reason)
             finally:
+                # Calls that arrived during the swap waited at the plugin's gate (see _retire); they
+                # go on now, to the new version, the old one after a rollback, or nowhere if unloaded.
+                self.host.dispatcher.resume(name)
                 self.host.release_audit()
         self.reloads.labels(name, result.outcome).inc()
         details = {k: v for k, v in result.as_dict().items() if k != "plugin" and v is not None}
@@ -443,7 +446,9 @@ class Reloader:
             if restarted is not None and not restarted.ok:
                 plugins.mark_failed(name, f"rollback failed: {restarted.error or 'timeout'}")
             else:
-                await self._activate(name, old_connectors=[])
+                # The old version registers fresh connectors; the ones that kept serving during the
+                # attempt stop once these are up (make before break, as for a successful reload).
+                await self._activate(name, old_connectors=old_connectors)
             return ReloadResult(name, "rolled_back", old_version, fields.get("version"), error=error,
                                 drained=drained)
         await self._activate(name, old_connectors=old_connectors)
@@ -463,7 +468,11 @@ class Reloader:
         return sections
 
     async def _retire(self, name: str, record: PluginRecord, *, keep_connectors: bool = False) -> bool:
-        """Stop routing to ``name``, drain it, shut it down and unregister it."""
+        """Stop routing to ``name``, drain it, shut it down and unregister it.
+
+        New calls to the plugin wait at its gate (``Dispatcher.pause``) until ``reload_plugin`` is
+        over, rather than skip it: a message arriving mid-swap is answered by the new version.
+        """
         host = self.host
         host.dispatcher.pause(name)
         drained = await host.dispatcher.wait_plugin_idle(name, self.settings.drain_timeout)
@@ -483,7 +492,6 @@ class Reloader:
         host.set_middleware([(p, f) for p, f in host.middleware if p != name])
         if host.plugins.pm.has_plugin(name):
             host.plugins.unregister(name)
-        host.dispatcher.resume(name)
 
     async def _activate(self, name: str, *, old_connectors: list[Connector]) -> None:
         """Start the (re)registered plugin's connectors and middleware; then retire old connectors."""

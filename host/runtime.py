@@ -475,12 +475,21 @@ class Host:
     async def _answer(self, message: Message) -> None:
         outcomes = await self.dispatcher.call("on_message", host=self, message=message)
         answered = failed = False
-        for outcome in outcomes:
-            if not outcome.ok:
-                failed = True
-            elif outcome.value is not None:
-                delivered = await self._deliver_result(message, outcome.plugin, outcome.value)
-                answered = answered or delivered
+        try:
+            for outcome in outcomes:
+                if not outcome.ok:
+                    failed = True
+                elif outcome.value is not None:
+                    held, outcome.held = outcome.held, False  # _stream releases it from here on
+                    delivered = await self._deliver_result(message, outcome.plugin, outcome.value, held)
+                    answered = answered or delivered
+        finally:
+            for outcome in outcomes:
+                if outcome.held:  # a stream never read (cancelled before its turn)
+                    outcome.held = False
+                    with _shielded_for(1):
+                        await _aclose(outcome.value)
+                    self.dispatcher.release(outcome.plugin)
         if answered:
             message.context["_outcome"] = "answered"
         elif failed:
@@ -494,12 +503,15 @@ class Host:
         message.context["_outcome"] = "apology"
         await self._deliver(message, Reply.text_(self.config.host.apology))
 
-    async def _deliver_result(self, message: Message, plugin: str, value: Any) -> bool:
+    async def _deliver_result(self, message: Message, plugin: str, value: Any, held: bool = False) -> bool:
         if isinstance(value, str):
             return await self._deliver(message, Reply.text_(value))
         if isinstance(value, Reply):
             return await self._deliver(message, value)
         if isinstance(value, AsyncIterator):
+            if not held:
+                # The plugin's code runs while we read its stream: hot reload must wait for it.
+                self.dispatcher.hold(plugin)
             return await self._stream(message, plugin, value)
         logger.error(
             "plugin {} returned {} from on_message; expected Reply, str, async iterator or None",
@@ -535,24 +547,26 @@ class Host:
         return True
 
     async def _stream(self, message: Message, plugin: str, chunks: AsyncIterator[str]) -> bool:
-        connector = self._connector_for(message)
-        if connector is None:
-            await _aclose(chunks)
-            return False
+        """Read a plugin's stream into the connector; ``plugin`` is held (drain) and released here."""
         try:
-            stream = await connector.open_stream(message)
-        except Exception as exc:
-            # No streaming surface: collect the whole answer and send it as one markdown message.
-            logger.warning("connector {} cannot stream ({!r}); sending the answer whole", message.connector, exc)
-            text, note = await self._collect(plugin, chunks)
-            return await self._deliver(message, Reply.markdown(text + note))
-        return await self._pump(message, plugin, chunks, stream)
+            connector = self._connector_for(message)
+            if connector is None:
+                await _aclose(chunks)
+                return False
+            try:
+                stream = await connector.open_stream(message)
+            except Exception as exc:
+                # No streaming surface: collect the whole answer and send it as one markdown message.
+                logger.warning("connector {} cannot stream ({!r}); sending the answer whole", message.connector, exc)
+                text, note = await self._collect(plugin, chunks)
+                return await self._deliver(message, Reply.markdown(text + note))
+            return await self._pump(message, plugin, chunks, stream)
+        finally:
+            self.dispatcher.release(plugin)
 
     async def _collect(self, plugin: str, chunks: AsyncIterator[str]) -> tuple[str, str]:
         parts: list[str] = []
         token = current_plugin.set(plugin)
-        # The plugin's code runs while we read its stream: hot reload must wait for it (drain).
-        self.dispatcher.hold(plugin)
         try:
             with trio.move_on_after(self.config.host.stream_timeout) as scope:
                 async for chunk in chunks:
@@ -564,15 +578,12 @@ class Host:
         finally:
             current_plugin.reset(token)
             await _aclose(chunks)
-            self.dispatcher.release(plugin)
         return "".join(parts), note
 
     async def _pump(self, message: Message, plugin: str, chunks: AsyncIterator[str], stream: ReplyStream) -> bool:
         """Feed chunks into ``stream``; it is finished or failed exactly once, whatever happens."""
         ended = False
         token = current_plugin.set(plugin)
-        # The plugin's code runs while we read its stream: hot reload must wait for it (drain).
-        self.dispatcher.hold(plugin)
         try:
             with trio.move_on_after(self.config.host.stream_timeout) as scope:
                 first = True
@@ -592,7 +603,7 @@ class Host:
             self._mark_answered(message)
             return True
         except trio.Cancelled:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with _shielded_for(5):
                 await stream.fail(_SHUTDOWN_NOTE)
             ended = True
             raise
@@ -602,15 +613,14 @@ class Host:
         finally:
             current_plugin.reset(token)
             if not ended:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                with _shielded_for(5):
                     try:
                         await stream.fail(_BROKEN_NOTE)
                     except Exception as exc:
                         self.m_delivery_failures.labels(message.connector).inc()
                         logger.error("could not finalize the streamed reply: {!r}", exc)
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with _shielded_for(1):
                 await _aclose(chunks)
-            self.dispatcher.release(plugin)
 
     # -- proactive sending and audit ---------------------------------------------------------
 
@@ -708,6 +718,12 @@ def _audit_entry(
         details=redact(details or {}),
         request_id=current_request_id.get() or None,
     )
+
+
+def _shielded_for(seconds: float) -> trio.CancelScope:
+    """A scope shielded from outside cancellation that gives up after ``seconds`` (one scope, not a
+    shield plus a ``move_on_after``: this runs for every streamed reply)."""
+    return trio.CancelScope(shield=True, deadline=trio.current_time() + seconds)
 
 
 async def _open_services_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:

@@ -89,7 +89,7 @@ async def test_latency_is_recorded_per_plugin_and_hook() -> None:
 
 
 @pytest.mark.anyio
-async def test_paused_plugin_gets_no_new_calls_and_drains() -> None:
+async def test_paused_plugin_holds_new_calls_at_its_gate_and_drains() -> None:
     d = dispatcher(("slow", SlowAsync()), ("fast", Answers("x")))
     results: list[list[str]] = []
 
@@ -101,11 +101,71 @@ async def test_paused_plugin_gets_no_new_calls_and_drains() -> None:
         await trio.sleep(1)
         d.pause("slow")
         assert d.inflight["slow"] == 1
-        await call()  # while paused: only "fast"
+        nursery.start_soon(call)  # reaches the paused plugin: waits at its gate, not counted in flight
         assert await d.wait_plugin_idle("slow", deadline_seconds=10)
-    assert ["fast"] in results and ["fast", "slow"] in results
-    d.resume("slow")
-    assert [o.plugin for o in await d.call("on_message", host=None, message=None)] == ["fast", "slow"]
+        assert trio.current_time() == pytest.approx(5)
+        assert results == [["fast", "slow"]]
+        await trio.sleep(20)
+        assert results == [["fast", "slow"]]  # still waiting: the reload is not over
+        d.resume("slow")
+    assert results == [["fast", "slow"], ["fast", "slow"]]
+    assert trio.current_time() == pytest.approx(25 + 5)
+
+
+@pytest.mark.anyio
+async def test_gate_wait_is_bounded_then_the_plugin_is_skipped(host_logs) -> None:
+    d = dispatcher(("slow", SlowAsync()), ("fast", Answers("x")),
+                   config={"host": {"reload": {"drain_timeout": 10}}})
+    d.pause("slow")
+    outcomes = await d.call("on_message", host=None, message=None)
+    assert [o.plugin for o in outcomes] == ["fast"]
+    assert trio.current_time() == pytest.approx(10 + 30)
+    assert "plugin slow is still being reloaded after 40s; on_message skips it" in host_logs.text()
+
+
+@pytest.mark.anyio
+async def test_call_after_the_gate_goes_to_the_plugins_new_implementation() -> None:
+    manager = PluginManager()
+    manager.add("greeter", Answers("v1"))
+    d = Dispatcher(manager, load_config(data={}, environ={}).host)
+    d.pause("greeter")
+    results: list[object] = []
+
+    async def call() -> None:
+        results.extend(o.value for o in await d.call("on_message", host=None, message=None))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.sleep(1)
+        manager.unregister("greeter")
+        manager.add("greeter", Answers("v2"))
+        d.resume("greeter")
+    assert results == ["v2"]
+
+
+class Streams:
+    @hookimpl
+    async def on_message(self, message):
+        async def chunks():
+            yield "a"
+
+        return chunks()
+
+
+@pytest.mark.anyio
+async def test_returned_stream_stays_in_flight_until_released() -> None:
+    d = dispatcher(("streamer", Streams()), ("fast", Answers("x")))
+    outcomes = await d.call("on_message", host=None, message=None)
+    assert sorted((o.plugin, o.held) for o in outcomes) == [("fast", False), ("streamer", True)]
+    streamed = next(o for o in outcomes if o.held)
+    assert d.inflight["streamer"] == 1
+    d.pause("streamer")
+    assert not await d.wait_plugin_idle("streamer", deadline_seconds=1)
+    d.release("streamer")
+    assert await d.wait_plugin_idle("streamer", deadline_seconds=1)
+    await streamed.value.aclose()
+    # Only on_message streams are held: other hooks' results are the caller's business.
+    assert d.inflight["streamer"] == 0
 
 
 def test_registration_hooks_must_be_sync() -> None:

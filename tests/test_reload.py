@@ -416,3 +416,107 @@ async def test_dropins_load_at_startup_and_connector_reload_makes_before_break(d
         assert EVENTS[:3] == ["connect 1", "connect 2", "stop 1"]  # the new one is up before the old stops
         assert th.host.connectors["mbb"].is_ready()
     assert EVENTS[-2:] == ["stop 2", "closed 2"]
+
+
+@pytest.mark.anyio
+async def test_message_arriving_mid_reload_waits_and_is_answered_by_the_new_version(dropins: Path) -> None:
+    # A plugin being swapped is not skipped: new calls wait at its gate until the swap is over.
+    write_plugin(dropins, "greeter", "1")
+    async with open_test_host(config=config_for(dropins)) as th:
+        slow = th.loopback.make_message("slow")
+        assert th.loopback.try_send_message(slow)
+        await trio.sleep(1)  # in flight for 9 s more: the reload drains it
+        write_plugin(dropins, "greeter", "2")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load_dropin, th, "greeter")
+            await trio.sleep(2)  # the reload is draining now
+            assert "greeter" in th.host.dispatcher.paused
+            during = th.loopback.make_message("during")
+            assert th.loopback.try_send_message(during)
+        await th.host.wait_idle()
+        assert [d.text for d in th.loopback.replies_to(slow.id)] == ["1: slow"]
+        assert [d.text for d in th.loopback.replies_to(during.id)] == ["2: during"]
+        assert not th.host.dispatcher.paused
+
+
+@pytest.mark.anyio
+async def test_message_arriving_mid_rollback_is_answered_by_the_old_version(dropins: Path) -> None:
+    write_plugin(dropins, "greeter", "1")
+    async with open_test_host(config=config_for(dropins)) as th:
+        slow = th.loopback.make_message("slow")
+        assert th.loopback.try_send_message(slow)
+        await trio.sleep(1)
+        write_plugin(dropins, "greeter", "2", startup="raise RuntimeError('cannot open database')")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load_dropin, th, "greeter")
+            await trio.sleep(2)
+            during = th.loopback.make_message("during")
+            assert th.loopback.try_send_message(during)
+        await th.host.wait_idle()
+        assert [d.text for d in th.loopback.replies_to(during.id)] == ["1: during"]
+
+
+STREAMER = '''
+import trio
+from host import hookimpl
+state = {"closed": False}
+
+@hookimpl
+def on_message(message):
+    async def chunks():
+        for word in ("one ", "two ", "three"):
+            await trio.sleep(1)
+            if state["closed"]:
+                raise RuntimeError("stream read after on_shutdown")
+            yield word
+    return chunks()
+
+@hookimpl
+def on_shutdown():
+    state["closed"] = True
+'''
+
+
+@pytest.mark.anyio
+async def test_reload_waits_for_a_stream_returned_but_not_read_yet(dropins: Path) -> None:
+    # The streamer returns its iterator at once; a later plugin keeps the same on_message call busy
+    # for 5 s before the host starts reading the stream. The reload must wait for the stream.
+    class SlowSecond:
+        @hookimpl(trylast=True)
+        async def on_message(self, message):
+            await trio.sleep(5)
+
+    write_plugin(dropins, "streamer", "1", body=STREAMER)
+    async with open_test_host(("slow-second", SlowSecond()), config=config_for(dropins)) as th:
+        message = th.loopback.make_message("go")
+        assert th.loopback.try_send_message(message)
+        await trio.sleep(1)  # streamer returned; slow-second is still running
+        write_plugin(dropins, "streamer", "2", body=STREAMER)
+        result = await load_dropin(th, "streamer")
+        assert result.outcome == "reloaded" and result.drained
+        await th.host.wait_idle()
+        replies = th.loopback.replies_to(message.id)
+        assert [(d.text, d.state) for d in replies] == [("one two three", "finished")]
+
+
+ROLLBACK_CONNECTOR = CONNECTOR_PLUGIN + '''
+@hookimpl
+def on_startup():
+    if GENERATION == "2":
+        raise RuntimeError("cannot start")
+'''
+
+
+@pytest.mark.anyio
+async def test_connector_rollback_leaves_one_running_connector(dropins: Path) -> None:
+    from reload_events import EVENTS
+
+    EVENTS.clear()
+    write_plugin(dropins, "mbbplugin", "1", body=ROLLBACK_CONNECTOR.replace("{gen}", "1"))
+    async with open_test_host(config=config_for(dropins)) as th:
+        write_plugin(dropins, "mbbplugin", "2", body=ROLLBACK_CONNECTOR.replace("{gen}", "2"))
+        assert (await load_dropin(th, "mbbplugin")).outcome == "rolled_back"
+        # The old version's fresh connector is up before the original one stops; nothing else runs.
+        assert EVENTS == ["connect 1", "connect 1", "stop 1", "closed 1"]
+        assert th.host.connectors["mbb"].is_ready()
+    assert EVENTS[-2:] == ["stop 1", "closed 1"] and len(EVENTS) == 6

@@ -90,3 +90,45 @@ async def test_reloading_the_plugin_mid_stream_finishes_the_open_card() -> None:
             assert card["state"] == "FINISHED" and card["text"] == "after:" + EXPECTED
             assert len(card["streams"]) >= 3  # the new version streams (its card loops run)
             assert not new.outbound.http.is_closed  # type: ignore[attr-defined]
+
+
+class Recorder:
+    """Keeps the messages it sees and does not answer them (the test answers through the connector)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.arrived = trio.Event()
+
+    @hookimpl
+    def on_message(self, message: Message) -> None:
+        self.messages.append(message)
+        self.arrived.set()
+
+
+@pytest.mark.anyio
+async def test_retired_connector_answers_until_stopped_and_idle() -> None:
+    # On a reload, on_shutdown only flags the old connector: it must keep answering the messages it
+    # accepted until its successor is up and it is stopped, then close its HTTP client once idle.
+    from host import Reply
+
+    recorder = Recorder()
+    with trio.fail_after(LIMIT):
+        async with open_emulator() as emu, open_bot(emu, ("recorder", recorder)) as host:
+            old = host.connectors["dingtalk"]
+            first = await emu.send_user_message("first", sender_staff_id="u1")
+            second = await emu.send_user_message("second", sender_staff_id="u2")
+            while len(recorder.messages) < 2:
+                recorder.arrived = trio.Event()
+                await recorder.arrived.wait()
+            by_text = {m.text: m for m in recorder.messages}
+            old.retire_when_stopped()
+            await old.deliver(by_text["first"], Reply.text_("still answering"))
+            await emu.wait_for_bot_message(first["conversationId"], count=1)
+            stream = await old.open_stream(by_text["second"])
+            await old.stop()
+            assert not old.outbound.http.is_closed  # a streamed reply of its own is still open
+            await stream.append("streamed after stop")
+            await stream.finish()
+            assert old.outbound.http.is_closed
+            await emu.wait_for_bot_message(second["conversationId"], count=1)
+            assert "streamed after stop" in emu.bot_messages(second["conversationId"])[0]["text"]

@@ -15,6 +15,11 @@ Lifecycle (driven by the host)::
     await connector.aclose()                      # end open cards, close the HTTP client
                                                   # (plugin on_shutdown, after replies drained)
 
+On a hot reload of the plugin the old connector is replaced by a new one (make before break): its
+``on_shutdown`` only calls ``retire_when_stopped()``, because the old connector still answers the
+messages it accepted until the host has started its successor and stopped it. Its HTTP client is
+closed after ``stop()``, once no delivery, send or streamed reply of its own is in progress.
+
 Everything the connector sends (replies through the session webhook or the OpenAPI, AI cards,
 proactive messages, media, access tokens) is ``self.outbound`` (``outbound.Outbound``); it keeps
 working after ``stop()``, while the host drains its replies.
@@ -99,6 +104,9 @@ class DingTalkConnector:
         self._stop = trio.Event()
         self._done = trio.Event()
         self._serving = False
+        self._busy = 0  # deliver / open_stream / send calls in progress (they use the HTTP client)
+        self._retire_on_stop = False
+        self._retiring = False
 
     def __repr__(self) -> str:
         return f"DingTalkConnector(name={self.name!r}, apps={sorted(self.apps)})"
@@ -159,6 +167,23 @@ class DingTalkConnector:
         self._stop.set()
         if self._serving:
             await self._done.wait()
+        if self._retire_on_stop:
+            self._retiring = True
+            await self._close_when_idle()
+
+    def retire_when_stopped(self) -> None:
+        """Plugin reload: once stopped, close the HTTP client as soon as nothing of ours uses it.
+
+        Until then the connector keeps answering: the host routes replies to it while it is still
+        the registered connector of its name, and a successor only takes over when it has started.
+        """
+        self._retire_on_stop = True
+
+    async def _close_when_idle(self) -> None:
+        if self._retiring and self._busy == 0:
+            self._retiring = False
+            with trio.CancelScope(shield=True):
+                await self.outbound.retire()  # closes the client once no streamed reply is open
 
     def is_ready(self) -> bool:
         """``True`` while every app has an open connection."""
@@ -166,15 +191,30 @@ class DingTalkConnector:
 
     async def deliver(self, message: Message, reply: Reply) -> None:
         """Answer ``message``: its session webhook, else the robot OpenAPI (``ReplyError`` if neither)."""
-        await self.outbound.deliver(message, reply)
+        self._busy += 1
+        try:
+            await self.outbound.deliver(message, reply)
+        finally:
+            self._busy -= 1
+            await self._close_when_idle()
 
     async def open_stream(self, message: Message) -> ReplyStream:
         """An AI card when a card template is configured, else one markdown message at the end."""
-        return await self.outbound.open_stream(message)
+        self._busy += 1  # once open, the stream itself is counted by the outbound's cards
+        try:
+            return await self.outbound.open_stream(message)
+        finally:
+            self._busy -= 1
+            await self._close_when_idle()
 
     async def send(self, target: Conversation, reply: Reply, *, app_id: str | None = None) -> None:
         """A proactive message through the robot OpenAPI (``app_id``: configured name or client id)."""
-        await self.outbound.send(target, reply, app_id=app_id)
+        self._busy += 1
+        try:
+            await self.outbound.send(target, reply, app_id=app_id)
+        finally:
+            self._busy -= 1
+            await self._close_when_idle()
 
     # -- extras --------------------------------------------------------------------------------------
 

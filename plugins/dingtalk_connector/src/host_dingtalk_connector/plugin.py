@@ -128,6 +128,8 @@ async def on_shutdown(host: Host) -> None:
     reloading = host.started
     for connector in _connectors(host):
         if reloading:
-            await connector.outbound.retire()
+            # The host starts the new version's connector before stopping this one, which keeps
+            # answering the messages it accepted meanwhile: its HTTP client must stay open until then.
+            connector.retire_when_stopped()
         else:
             await connector.aclose()
