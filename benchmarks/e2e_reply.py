@@ -290,7 +290,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
     async with open_emulator(client_id=client_id, client_secret=secret) as emu:
         env = {**os.environ, "BENCH_CLIENT_SECRET": secret, "NO_PROXY": "127.0.0.1,localhost"}
         me = [sys.executable, __file__]
-        # BENCH_PROFILE=/path.prof: run our bot under cProfile (for finding hot spots).
+        # BENCH_PROFILE=/path.prof: run our bot under cProfile timed in CPU seconds (for finding hot
+        # spots: time spent waiting for a core on a busy machine is not counted).
         profile = os.environ.get("BENCH_PROFILE")
         bots = {
             "host": ([*me, "--bot", "host", "--endpoint", emu.base_url, "--client-id", client_id], env),
@@ -303,7 +304,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
             row = rows[label] = {}
             # Warm-up, then the measured run.
             if profile and label == "host":
-                command = [sys.executable, "-m", "cProfile", "-o", profile, *command[1:]]
+                command = [*command, "--profile", profile]
             latencies, cpu_bot, cpu_emu = await with_bot(
                 emu, [*command, "--mode", "reply"], bot_env,
                 lambda label=label: warm_then_measure(emu, label, args),
@@ -372,7 +373,20 @@ WARM_UP = 200
 
 async def warm_then_measure(emu: Any, label: str, args: argparse.Namespace) -> list[float]:
     await reply_latency(emu, f"{label}-warm", WARM_UP, args.rate)
-    return await reply_latency(emu, label, args.messages, args.rate)
+    # BENCH_PROFILE_EMULATOR=/path.prof: the emulator's side of the measured run under cProfile
+    # (CPU seconds), with the host as the bot.
+    path = os.environ.get("BENCH_PROFILE_EMULATOR")
+    if not path or label != "host":
+        return await reply_latency(emu, label, args.messages, args.rate)
+    import cProfile
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    try:
+        return await reply_latency(emu, label, args.messages, args.rate)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
 
 
 def main() -> None:
@@ -381,13 +395,20 @@ def main() -> None:
     parser.add_argument("--mode", choices=["reply", "cards"], help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--client-id", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["host", "official"], help="measure one bot only")
     parser.add_argument("--messages", type=int, default=2000, help="messages in the latency run")
     parser.add_argument(
         "--rate", type=float, default=200.0, help="messages per second in the latency run"
     )
     args = parser.parse_args()
-    if args.bot == "host":
+    if args.bot == "host" and args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile(time.process_time)
+        profiler.runcall(run_host_bot, args.endpoint, args.client_id, args.mode)
+        profiler.dump_stats(args.profile)
+    elif args.bot == "host":
         run_host_bot(args.endpoint, args.client_id, args.mode)
     elif args.bot == "official":
         run_official_bot(args.client_id, args.mode)

@@ -21,17 +21,21 @@ Both are driven the same way, in the same run, with the same pushes:
    the idle baseline.
 
 The emulator's own cost is in every figure (it is the other end of the loopback), equally for both
-clients; ratios are host / official.
+clients; ratios are host / official. CPU per message is reported for each client process and for
+the emulator's process (which also runs this driver) during the throughput run, with the load
+average: on a shared machine they are steadier than the wall-clock throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -124,6 +128,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def own_cpu_seconds() -> float:
+    """User + system CPU time of this (the emulator's) process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -134,8 +144,10 @@ class Driver:
     """Pushes bot messages through the emulator's gateway and waits for their ACKs.
 
     The payload is a real one built by ``Emulator.send_user_message`` once; each push is a copy with
-    its own ``msgId`` and text, delivered with ``gateway.deliver`` (skipping the per-message
-    conversation bookkeeping that would only slow the emulator side down).
+    its own ``msgId`` and text, delivered with ``gateway.deliver`` (a real Stream frame on the
+    client's WebSocket, skipping only the per-message conversation bookkeeping of
+    ``send_user_message``). ACKs are awaited on the frame records (no task per message), and
+    only when not already there, so that pushes made in one go leave in one write.
     """
 
     template: dict[str, Any] | None = None
@@ -143,10 +155,8 @@ class Driver:
 
     def __init__(self, emu: Any) -> None:
         self.emu = emu
-        self.acked = 0
-        self._changed = trio.Event()
 
-    async def push(self, nursery: trio.Nursery, text: str) -> Any:
+    async def push(self, text: str) -> Any:
         from host_dingtalk_connector.emulator import BOT_TOPIC
 
         if Driver.template is None:
@@ -156,42 +166,37 @@ class Driver:
         record = self.emu.gateway.deliver("CALLBACK", BOT_TOPIC, "bot_message", payload, delivery_key=payload["msgId"])
         if record is None:
             raise RuntimeError("not delivered: no open connection")
-        nursery.start_soon(self._await_ack, record)
         return record
 
-    async def _await_ack(self, record: Any) -> None:
-        await record.acked.wait()
-        self.acked += 1
-        self._changed.set()
-
-    async def wait_acked(self, count: int) -> None:
-        while self.acked < count:
-            self._changed = trio.Event()
-            await self._changed.wait()
+    @staticmethod
+    async def acked(record: Any) -> None:
+        if record.ack is None:
+            await record.acked.wait()
 
 
 async def throughput(emu: Any, total: int, window: int) -> float:
+    """N pushes with at most ``window`` un-ACKed (waiting for the oldest), first push to last ACK."""
     driver = Driver(emu)
-    async with trio.open_nursery() as nursery:
-        started = time.perf_counter()
-        for i in range(total):
-            if i - driver.acked >= window:
-                await driver.wait_acked(i - window + 1)
-            await driver.push(nursery, f"throughput {i}")
-        await driver.wait_acked(total)
-        elapsed = time.perf_counter() - started
-    return total / elapsed
+    in_flight: deque[Any] = deque()
+    started = time.perf_counter()
+    for i in range(total):
+        if len(in_flight) >= window:
+            await driver.acked(in_flight.popleft())
+        in_flight.append(await driver.push(f"throughput {i}"))
+    for record in in_flight:
+        await driver.acked(record)
+    return total / (time.perf_counter() - started)
 
 
 async def latency(emu: Any, total: int, rate: float) -> list[float]:
     driver = Driver(emu)
     records = []
-    async with trio.open_nursery() as nursery:
-        start = trio.current_time()
-        for i in range(total):
-            await trio.sleep_until(start + i / rate)
-            records.append(await driver.push(nursery, f"latency {i}"))
-        await driver.wait_acked(total)
+    start = trio.current_time()
+    for i in range(total):
+        await trio.sleep_until(start + i / rate)
+        records.append(await driver.push(f"latency {i}"))
+    for record in records:
+        await driver.acked(record)
     return [r.ack.latency for r in records]
 
 
@@ -213,9 +218,9 @@ async def burst(emu: Any, pid: int, total: int) -> tuple[int, int, float]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample)
         started = time.perf_counter()
-        for i in range(total):
-            await driver.push(nursery, f"burst {i}")
-        await driver.wait_acked(total)
+        records = [await driver.push(f"burst {i}") for i in range(total)]
+        for record in records:
+            await driver.acked(record)
         elapsed = time.perf_counter() - started
         done.set()
     return baseline, peak, elapsed
@@ -233,9 +238,11 @@ async def measure(emu: Any, label: str, command: list[str], env: dict[str, str],
             # Warm-up (imports, caches, JIT-free but allocator warm).
             await throughput(emu, 300, 50)
             result: dict[str, Any] = {"client": label}
-            cpu = cpu_seconds(process.pid)
+            cpu, own = cpu_seconds(process.pid), own_cpu_seconds()
             result["throughput"] = await throughput(emu, args.messages, args.window)
             result["cpu_us"] = (cpu_seconds(process.pid) - cpu) / args.messages * 1e6
+            result["emu_cpu_us"] = (own_cpu_seconds() - own) / args.messages * 1e6
+            result["load"] = os.getloadavg()[0]
             lat = await latency(emu, args.latency_messages, 200.0)
             result["p50_ms"] = pct(lat, 0.5) * 1000
             result["p99_ms"] = pct(lat, 0.99) * 1000
@@ -278,12 +285,12 @@ async def orchestrate(args: argparse.Namespace) -> None:
             print(f"  measured {label}", flush=True)
     print()
     print(
-        f"{'client':<10}{'ACK msg/s':>11}{'CPU us/msg':>12}{'msg/s/core':>12}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'client':<10}{'ACK msg/s':>11}{'CPU us/msg':>12}{'msg/s/core':>12}{'emu us/msg':>12}{'load':>6}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'mean ms':>9}{'RSS MiB':>9}{'burst +MiB':>12}{'burst msg/s':>13}"
     )
     for r in results:
         print(
-            f"{r['client']:<10}{r['throughput']:>11.0f}{r['cpu_us']:>12.0f}{1e6 / r['cpu_us']:>12.0f}"
+            f"{r['client']:<10}{r['throughput']:>11.0f}{r['cpu_us']:>12.0f}{1e6 / r['cpu_us']:>12.0f}{r['emu_cpu_us']:>12.0f}{r['load']:>6.2f}"
             f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}"
             f"{r['rss_base_mib']:>9.1f}{r['rss_growth_mib']:>12.1f}{r['burst_rate']:>13.0f}"
         )

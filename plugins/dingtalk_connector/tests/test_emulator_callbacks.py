@@ -87,7 +87,7 @@ async def test_a_signed_callback_and_its_inline_answer_are_recorded() -> None:
             assert abs(received["timestamp"] - emu.state.clock.epoch_ms()) < 60_000
             body = received["body"]
             assert body["msgId"] == record.msg_id and body["text"] == {"content": " hello"}
-            assert body["sessionWebhook"].startswith(emu.base_url + "/robot/sendBySession?session=")
+            assert body["sessionWebhook"].startswith(emu.webhook_url + "/robot/sendBySession?session=")
             assert record.status == 200 and record.outcome == "answered"
             timeline = emu.timeline(record.conversation_id or "")
             assert [(m["from"], m.get("via"), m["text"]) for m in timeline] == [

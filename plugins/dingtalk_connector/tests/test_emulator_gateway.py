@@ -140,7 +140,7 @@ async def test_bot_message_frames_are_shaped_like_dingtalk() -> None:
             assert msg["senderId"].startswith("$:LWCP_v1:$") and msg["chatbotUserId"].startswith("$:LWCP_v1:$")
             assert isinstance(msg["createAt"], int) and isinstance(msg["isAdmin"], bool)
             assert msg["sessionWebhookExpiredTime"] == msg["createAt"] + 5_400_000
-            assert msg["sessionWebhook"].startswith(f"{emu.base_url}/robot/sendBySession?session=")
+            assert msg["sessionWebhook"].startswith(f"{emu.webhook_url}/robot/sendBySession?session=")
             assert msg["robotCode"] == emu.settings.client_id and msg["msgId"].startswith("msg")
 
             group = await emu.send_user_message("build status?", conversation_type="group",

@@ -57,14 +57,17 @@ def test_webhook_bodies() -> None:
 
 
 @pytest.mark.anyio
-async def test_replies_streams_mentions_and_proactive_sends() -> None:
+@pytest.mark.parametrize("webhook_client", ["lean", "httpx"])
+async def test_replies_streams_mentions_and_proactive_sends(webhook_client: str) -> None:
     recorder = Recorder(answer=False)
+    config_extra = {"replies": {"webhook_client": webhook_client}}
     with trio.fail_after(LIMIT):
         async with (
             open_emulator() as emu,
-            open_host(dingtalk_config(emu), ("recorder", recorder)) as running,
+            open_host(dingtalk_config(emu, **config_extra), ("recorder", recorder)) as running,
         ):
             connector = running.connector
+            assert (connector.outbound.webhook_http is None) == (webhook_client == "httpx")
             sent = await emu.send_user_message("hi", conversation_type="group")
             await emu.wait_for_ack(sent["messageId"])
             while not recorder.messages:

@@ -126,7 +126,7 @@ async def test_every_msgtype_is_converted() -> None:
             assert isinstance(file.parts[0], FilePart) and file.parts[0].file_name == "report.pdf"
             assert unknown.parts == [] and unknown.raw["msgtype"] == "unknownMsgType"
             for message in by_id.values():
-                assert message.context["session_webhook"].startswith(emu.base_url)
+                assert message.context["session_webhook"].startswith(emu.webhook_url)
                 assert message.context["session_webhook_expires_ms"] > message.created_at_ms
             assert running.metric("host_dingtalk_messages_total", app="default", msgtype="unknownMsgType", outcome="accepted") == 1
 

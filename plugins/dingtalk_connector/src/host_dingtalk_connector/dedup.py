@@ -42,18 +42,25 @@ class DedupCache:
         self.max_entries = max_entries
         self._clock = clock
         self._expiry: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # No entry expires before this time (the oldest deadline when last looked at; it only
+        # grows, and refreshing an entry can only make it conservative): skips most expiry scans.
+        self._horizon = float("inf")
         self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._expiry)
 
     def _expire(self, now: float) -> None:
+        if now < self._horizon:
+            return
         expiry = self._expiry
         while expiry:
             key, deadline = next(iter(expiry.items()))
             if deadline > now:
-                break
+                self._horizon = deadline
+                return
             del expiry[key]
+        self._horizon = float("inf")
 
     def seen(self, namespace: str, key: str) -> bool:
         """``True`` when ``key`` was added under ``namespace`` less than ``ttl`` seconds ago."""
@@ -71,10 +78,13 @@ class DedupCache:
         now = self._clock()
         self._expire(now)
         item = (namespace, key)
-        self._expiry.pop(item, None)
-        self._expiry[item] = now + self.ttl
-        while len(self._expiry) > self.max_entries:
-            self._expiry.popitem(last=False)
+        expiry = self._expiry
+        deadline = now + self.ttl
+        if expiry.pop(item, None) is None and not expiry:
+            self._horizon = deadline
+        expiry[item] = deadline
+        while len(expiry) > self.max_entries:
+            expiry.popitem(last=False)
             self.evicted += 1
 
     def discard(self, namespace: str, key: str) -> None:

@@ -13,6 +13,7 @@
     │   └── OpenApiError         DingTalk refused or failed an OpenAPI call (``status``, ``code``,
     │       │                    ``request_id``: DingTalk's ``requestid``, for support tickets)
     │       └── TokenError       no access token: refused credentials, or the token API failed
+    ├── HttpTransportError       an HTTP request got no answer (network error, timeout: ``timeout``)
     └── MediaError               a file could not be downloaded or uploaded (size limit, refusal)
 
 Nothing here ever carries a secret: registration errors name the DingTalk error code and the HTTP
@@ -29,6 +30,7 @@ __all__ = [
     "DingTalkError",
     "FrameError",
     "HandshakeFailed",
+    "HttpTransportError",
     "MediaError",
     "OpenApiError",
     "PayloadError",
@@ -124,6 +126,16 @@ class OpenApiError(ReplyError):
 class TokenError(OpenApiError):
     """No access token: the credentials were refused (``invalidClientIdOrSecret``) or the token API
     kept failing. Every OpenAPI call of the app fails with it until a refresh succeeds."""
+
+
+class HttpTransportError(DingTalkError):
+    """An HTTP request (``http11.KeepAliveHttp``) got no answer: connection refused or broken, TLS
+    refused, or ``timeout`` (the deadline passed). The message never holds the URL."""
+
+    def __init__(self, detail: str, *, timeout: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.timeout = timeout
 
 
 class MediaError(DingTalkError):

@@ -4,6 +4,7 @@
 
     Outbound
     ├── http             one httpx client (TLS 1.2+, pooled) for every app and API
+    ├── webhook_http     the lean keep-alive client (``http11``) for session-webhook replies
     ├── clients[app]     OpenApiClient: access token cache, per-API budgets, retries, errors
     ├── replies          ReplySender: session webhook first, OpenAPI fallback, proactive sends
     ├── cards            CardService: AI card streaming (a service: ``run``), or collected replies
@@ -31,8 +32,10 @@ from host.connector import ReplyStream
 from host.logs import logger
 from host.metrics import Metrics
 from host.model import Conversation, Message, Reply
+from host.tls import client_context
 from host_dingtalk_connector.cards import CardService, CardSettings
 from host_dingtalk_connector.errors import OpenApiError, ReplyError
+from host_dingtalk_connector.http11 import KeepAliveHttp
 from host_dingtalk_connector.media import MediaDownloader, MediaSettings, MediaUploader
 from host_dingtalk_connector.metrics import OutboundMetrics
 from host_dingtalk_connector.openapi import ApiBudgetSettings, OpenApiClient
@@ -81,6 +84,13 @@ class Outbound:
             timeout=httpx.Timeout(self.retry.timeout),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
+        # One reply per answered message goes to a session webhook: the hot path gets the client
+        # that costs a sixth of httpx's CPU per request (see http11.py).
+        self.webhook_http: KeepAliveHttp | None = None
+        if replies.webhook_client == "lean":
+            self.webhook_http = KeepAliveHttp(
+                ssl_context if ssl_context is not None else client_context(), timeout=self.retry.timeout
+            )
         self.clients: dict[str, OpenApiClient] = {}
         for app in apps:
             tokens = AccessTokens(app, self.http, self.metrics, retry=self.retry)
@@ -101,6 +111,7 @@ class Outbound:
             self.metrics,
             retry=self.retry,
             uploader=self.uploader if self.media_settings.upload_local_images else None,
+            webhook_http=self.webhook_http,
         )
         own_templates = dict(templates or {})
         self.cards = CardService(
@@ -124,14 +135,19 @@ class Outbound:
         await runner.run(task_status=task_status)
 
     async def aclose(self) -> None:
-        """Host shutdown: end cards still open, then close the HTTP client. Safe to call twice."""
+        """Host shutdown: end cards still open, then close the HTTP clients. Safe to call twice."""
         await self.cards.end_all()
-        await self.http.aclose()
+        await self._close_http()
 
     async def retire(self) -> None:
-        """Plugin reload: streams already open finish normally; the HTTP client closes after them."""
-        self.cards.when_idle(self.http.aclose)
+        """Plugin reload: streams already open finish normally; the HTTP clients close after them."""
+        self.cards.when_idle(self._close_http)
         await self.cards.check_idle()
+
+    async def _close_http(self) -> None:
+        if self.webhook_http is not None:
+            await self.webhook_http.aclose()
+        await self.http.aclose()
 
     # -- what the connector calls --------------------------------------------------------------------
 

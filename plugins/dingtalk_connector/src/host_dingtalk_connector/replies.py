@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import msgspec
@@ -36,12 +36,13 @@ import trio
 
 from host.logs import logger
 from host.model import Conversation, Message, Reply, now_ms
-from host_dingtalk_connector.errors import MediaError, OpenApiError, ReplyError
+from host_dingtalk_connector.errors import HttpTransportError, MediaError, OpenApiError, ReplyError
 from host_dingtalk_connector.openapi import OpenApiClient, robot_message, title_of
 from host_dingtalk_connector.retry import Retrying, RetrySettings
 from host_dingtalk_connector.sizing import split_text, utf8_len
 
 if TYPE_CHECKING:
+    from host_dingtalk_connector.http11 import KeepAliveHttp
     from host_dingtalk_connector.media import MediaUploader
     from host_dingtalk_connector.metrics import OutboundMetrics
 
@@ -50,6 +51,8 @@ __all__ = ["ReplySender", "ReplySettings", "webhook_body"]
 #: Conversations remembered for proactive sends (their app and, for 1:1 chats, the user).
 _CONVERSATIONS_MAX = 10_000
 _LOCAL_IMAGE = re.compile(r"!\[([^\]]*)\]\(file://([^)\s]+)\)")
+_encode_json = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder().decode
 
 
 class ReplySettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -66,6 +69,10 @@ class ReplySettings(msgspec.Struct, forbid_unknown_fields=True):
     message_max_bytes: int = 15_000
     #: Sent (or shown on the card) when a streamed answer ended without any text.
     empty_text: str = "(The answer was empty.)"
+    #: HTTP client of the session-webhook POSTs: ``lean`` (keep-alive HTTP/1.1 on h11, ``http11.py``,
+    #: a sixth of httpx's CPU per reply) or ``httpx`` (the escape hatch if a network between the bot
+    #: and DingTalk needs what only httpx does; a proxy from the environment switches to it anyway).
+    webhook_client: Literal["lean", "httpx"] = "lean"
 
     def __post_init__(self) -> None:
         if self.webhook_expiry_margin < 0:
@@ -113,9 +120,13 @@ class ReplySender:
         *,
         retry: RetrySettings | None = None,
         uploader: MediaUploader | None = None,
+        webhook_http: KeepAliveHttp | None = None,
     ) -> None:
         self.clients = clients
         self.http = http
+        #: The lean keep-alive client for session-webhook POSTs (``http11``); httpx when ``None``
+        #: or when a proxy is configured for the webhook's URL.
+        self.webhook_http = webhook_http
         self.settings = settings
         self.retry = retry or RetrySettings()
         self.metrics = metrics
@@ -290,7 +301,8 @@ class ReplySender:
 
     async def _post_webhook(self, url: str, body: dict[str, Any], what: str) -> None:
         """POST to a session webhook; raises ``_WebhookFailed`` (never with the URL in it)."""
-        retrying = Retrying(self.retry, trio.current_time)
+        started = trio.current_time()
+        retrying: Retrying | None = None  # made on the first failure (almost every POST succeeds)
         attempts = 0
         while True:
             attempts += 1
@@ -300,26 +312,44 @@ class ReplySender:
             transient, detail = failure
             if not transient:
                 raise _WebhookFailed("refused", f"session webhook refused: {detail}")
+            if retrying is None:
+                retrying = Retrying(self.retry, trio.current_time)
+                retrying.started = started  # the retry deadline counts from the first attempt
             delay = retrying.next_delay() if attempts < self.settings.webhook_attempts else None
             if delay is None:
                 raise _WebhookFailed("error", f"session webhook failed: {detail}")
             await trio.sleep(delay)
 
     async def _webhook_attempt(self, url: str, body: dict[str, Any]) -> tuple[bool, str] | None:
+        """One POST; ``None`` when DingTalk took the message, else ``(transient, what went wrong)``."""
         timeout = self.retry.timeout
+        lean = self.webhook_http
+        if lean is not None and not lean.uses_proxy(url):
+            try:
+                answer = await lean.post_json(url, _encode_json(body))
+            except HttpTransportError as exc:
+                return (
+                    True,
+                    f"no answer within {timeout}s"
+                    if exc.timeout
+                    else f"network error: {exc.detail}",
+                )
+            status, content = answer.status, answer.body
+        else:  # a proxy is configured for this URL: httpx knows how to use it
+            try:
+                response = await self.http.post(url, json=body, timeout=timeout)
+            except httpx.TimeoutException:
+                return True, f"no answer within {timeout}s"
+            except httpx.HTTPError as exc:
+                return True, f"network error {type(exc).__name__}"
+            status, content = response.status_code, response.content
+        if status >= 500 or status == 429:
+            return True, f"HTTP {status}"
+        if status != 200:
+            return False, f"HTTP {status}"
         try:
-            response = await self.http.post(url, json=body, timeout=timeout)
-        except httpx.TimeoutException:
-            return True, f"no answer within {timeout}s"
-        except httpx.HTTPError as exc:
-            return True, f"network error {type(exc).__name__}"
-        if response.status_code >= 500 or response.status_code == 429:
-            return True, f"HTTP {response.status_code}"
-        if response.status_code != 200:
-            return False, f"HTTP {response.status_code}"
-        try:
-            payload = response.json()
-        except ValueError:
+            payload = _decode_json(content)
+        except msgspec.DecodeError:
             return False, "an answer that is not JSON"
         if not isinstance(payload, dict):
             return False, "an answer that is not a JSON object"

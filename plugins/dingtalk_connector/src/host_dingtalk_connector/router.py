@@ -1,7 +1,8 @@
 """What to do with each frame of one app: answer, deduplicate, convert, hand to the host, ACK.
 
 The reader of a connection calls ``FrameRouter.handle`` for every WebSocket message and awaits it,
-so ``handle`` must never wait on plugins: the only thing it awaits is writing the ACK to the socket.
+so ``handle`` must never wait on plugins: the only thing it may await is room in the connection's
+ACK queue (``Link.send`` queues; the ACK writer of ``acks.py`` does the socket writes).
 
 * SYSTEM ``ping``: ACK echoing ``data`` (the ``opaque``). ``disconnect``: ACK, then tell the link
   (the connection engine opens the replacement first and keeps this socket until it closes).
@@ -53,7 +54,7 @@ class Link(Protocol):
     label: str
 
     async def send(self, text: str) -> bool:
-        """Write one text frame; ``False`` when the connection is already closed."""
+        """Queue one text frame (an ACK) for writing; ``False`` when the connection is already closed."""
         ...
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:

@@ -14,7 +14,9 @@
                                                           (make before break, nothing lost)
 
     _Connection.run (one per WebSocket, in AppStream's nursery)
-      reader     : get_message -> FrameRouter.handle (never waits on plugins; only on the ACK write)
+      reader     : get_message -> FrameRouter.handle (never waits on plugins nor on the network:
+                   ACKs are queued for the ACK writer, which sends those queued together in one
+                   write, see acks.py)
       keepalive  : WebSocket ping every ping_interval; no pong within pong_timeout -> dead
       watchdog   : nothing at all received for idle_timeout -> dead;
                    no application frame for app_idle_timeout -> retire (hand over)
@@ -46,6 +48,7 @@ from trio_websocket import (
 
 from host.logs import logger
 from host.tls import client_context
+from host_dingtalk_connector.acks import AckStats, AckWriter, HoldableStream
 from host_dingtalk_connector.backoff import Backoff
 from host_dingtalk_connector.errors import ConnectError, HandshakeFailed, RegistrationError
 from host_dingtalk_connector.metrics import CONNECTION_STATES
@@ -113,6 +116,7 @@ class _Connection:
         self.last_app_frame = 0.0
         self.frames_in = 0
         self._ws: WebSocketConnection | None = None
+        self._acks: AckWriter | None = None
         self._io_scope: trio.CancelScope | None = None
         self._work: trio.Nursery | None = None
         self._tasks = 0
@@ -123,14 +127,11 @@ class _Connection:
     # -- Link protocol ---------------------------------------------------------------------------
 
     async def send(self, text: str) -> bool:
-        ws = self._ws
-        if ws is None:
+        """Queue one ACK for the ACK writer (``False`` once the connection is closed)."""
+        acks = self._acks
+        if acks is None:
             return False
-        try:
-            await ws.send_message(text)
-        except ConnectionClosed:
-            return False
-        return True
+        return await acks.put(text)
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         assert self._work is not None
@@ -198,7 +199,7 @@ class _Connection:
                     self.opened_at = self.last_inbound = self.last_app_frame = trio.current_time()
                     started = True
                     task_status.started(self)
-                    reason = await self._serve(ws)
+                    reason = await self._serve(ws, stream)
                     with trio.move_on_after(_CLOSE_TIMEOUT):
                         await ws.aclose()  # our close handshake (a no-op if the gateway closed first)
                 finally:
@@ -222,7 +223,7 @@ class _Connection:
             self.retire(reason)
             self.closed.set()
 
-    async def _open(self, nursery: trio.Nursery, url: str) -> tuple[trio.abc.Stream, WebSocketConnection]:
+    async def _open(self, nursery: trio.Nursery, url: str) -> tuple[HoldableStream, WebSocketConnection]:
         """TCP (+TLS) connect and WebSocket handshake, within ``connect_timeout``."""
         settings = self.stream.settings
         parts = urllib.parse.urlsplit(url)
@@ -233,7 +234,7 @@ class _Connection:
         host_header = host if port == (443 if secure else 80) else f"{host}:{port}"
         try:
             with trio.fail_after(settings.connect_timeout):
-                stream: trio.abc.Stream
+                transport: trio.abc.Stream
                 if secure:
                     tls = await trio.open_ssl_over_tcp_stream(
                         host, port, ssl_context=self.stream.ssl_context, https_compatible=True
@@ -245,13 +246,15 @@ class _Connection:
                     except trio.BrokenResourceError as exc:
                         await trio.aclose_forcefully(tls)
                         raise HandshakeFailed(f"TLS handshake with {host}:{port} failed: {exc.__cause__ or exc}") from None
-                    stream = tls
+                    transport = tls
                 else:
-                    stream = await trio.open_tcp_stream(host, port)
+                    transport = await trio.open_tcp_stream(host, port)
+                stream = HoldableStream(transport)  # lets the ACK writer send a batch in one write
                 try:
                     ws = await wrap_client_stream(
                         nursery,
-                        stream,
+                        # Documented as "an arbitrary stream" (trio.abc.Stream); annotated narrower.
+                        stream,  # type: ignore[arg-type]
                         host_header,
                         resource,
                         message_queue_size=settings.receive_queue,
@@ -266,11 +269,13 @@ class _Connection:
             raise HandshakeFailed(f"WebSocket handshake timed out after {settings.connect_timeout}s") from None
         return stream, ws
 
-    async def _serve(self, ws: WebSocketConnection) -> str:
+    async def _serve(self, ws: WebSocketConnection, stream: HoldableStream) -> str:
         settings = self.stream.settings
         reason = "closed"
         async with trio.open_nursery() as work:
             self._work = work
+            acks = self._acks = AckWriter(ws, stream, stats=self.stream.ack_stats)
+            work.start_soon(acks.run)
             with trio.CancelScope() as io_scope:
                 self._io_scope = io_scope
                 async with trio.open_nursery() as io:
@@ -285,6 +290,8 @@ class _Connection:
                 await self._tasks_done.wait()
             if self._tasks:
                 logger.warning("{}: {} event handler(s) cancelled on close; DingTalk will redeliver", self.label, self._tasks)
+            await acks.flush()  # the ACKs of the last frames (and of the handlers that finished)
+            acks.close()
             work.cancel_scope.cancel()
         return reason
 
@@ -367,6 +374,8 @@ class AppStream:
         self.reconnects: dict[str, int] = {}
         #: The last reconnect delays as (ceiling, delay) pairs, for introspection.
         self.delays: deque[tuple[float, float]] = deque(maxlen=32)
+        #: ACKs written and the writes they took, over every connection of this app.
+        self.ack_stats = AckStats()
         self._quick_handovers = 0
         self._attempt_scope = trio.CancelScope()
         self._numbers = itertools.count(1)
@@ -397,6 +406,7 @@ class AppStream:
             "backoff_failures": self.backoff.failures,
             "recent_delays": [round(d, 3) for _c, d in self.delays],
             "events_in_flight": self.router.events_in_flight,
+            "acks": {"sent": self.ack_stats.sent, "writes": self.ack_stats.writes},
             "dedup": self.router.dedup.statistics(),
         }
 

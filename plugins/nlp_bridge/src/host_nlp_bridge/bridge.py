@@ -425,7 +425,9 @@ class Bridge:
                         raise BackendTimeout(name, "the answer deadline passed")
                     stall = runtime.backend.stall_timeout
                     async with aclosing(runtime.backend.generate(turn.request)) as items:  # type: ignore[type-var]
-                        guarded = True
+                        # A backend that never waits (stall timeout 0: echo without delays) needs no
+                        # scope even for its first item; any other gets one until it has answered.
+                        guarded = stall != 0.0
                         while True:
                             if guarded:
                                 item = await _next_item(items, attempt_deadline, name, final)

@@ -57,6 +57,7 @@ async def _serve(settings: EmulatorSettings) -> None:
         async with open_emulator(settings) as emu:
             print(emu.base_url, flush=True)
             print(f"  Stream gateway   {emu.gateway_url}", flush=True)
+            print(f"  session webhooks {emu.webhook_url}", flush=True)
             print(f"  client id        {settings.client_id}", flush=True)
             print(f"  chat page        {emu.base_url}/", flush=True)
             print(f"  control API      {emu.base_url}/_emulator/", flush=True)

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["FIXED_SETTINGS", "ControlApi"]
 
 #: Settings that cannot change while the emulator runs (ports, credentials, identities).
-FIXED_SETTINGS = frozenset({"host", "port", "gateway_port", "client_id", "client_secret", "robot_code",
-                            "corp_id", "unified_app_id", "random_seed", "max_inbound_message_bytes"})
+FIXED_SETTINGS = frozenset({"host", "port", "gateway_port", "webhook_port", "client_id", "client_secret",
+                            "robot_code", "corp_id", "unified_app_id", "random_seed",
+                            "max_inbound_message_bytes"})
 
 _MESSAGE_KEYS = {
     "text": "text", "msgtype": "msgtype",

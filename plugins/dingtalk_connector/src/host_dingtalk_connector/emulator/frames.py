@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 import trio
 
-__all__ = ["AckRecord", "FrameRecord", "build_frame", "encode", "judge_ack", "parse_ack"]
+__all__ = ["AckRecord", "FrameRecord", "build_frame", "encode", "encode_bytes", "frame_of", "judge_ack", "parse_ack"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -39,9 +39,20 @@ def encode(value: Any) -> str:
     return _encoder.encode(value).decode()
 
 
+def encode_bytes(value: Any) -> bytes:
+    """UTF-8 JSON (what goes on the wire, and what ``max_frame_bytes`` is checked against)."""
+    return _encoder.encode(value)
+
+
 def build_frame(frame_type: str, headers: dict[str, str], data: Any) -> dict[str, Any]:
     """A downstream frame; ``data`` is serialized into a JSON string (never left an object)."""
     assert all(isinstance(v, str) for v in headers.values()), "header values must be strings"
+    return {"specVersion": "1.0", "type": frame_type, "headers": headers,
+            "data": data if isinstance(data, str) else encode(data)}
+
+
+def frame_of(frame_type: str, headers: dict[str, str], data: Any) -> dict[str, Any]:
+    """``build_frame`` for headers known to be strings (the push path builds them itself)."""
     return {"specVersion": "1.0", "type": frame_type, "headers": headers,
             "data": data if isinstance(data, str) else encode(data)}
 
@@ -86,7 +97,22 @@ class FrameRecord:
     opaque: str = ""
     ack: AckRecord | None = None
     extra_acks: list[AckRecord] = field(default_factory=list)
-    acked: trio.Event = field(default_factory=trio.Event)
+    _acked: trio.Event | None = field(default=None, repr=False)
+
+    @property
+    def acked(self) -> trio.Event:
+        """Set once the first ACK arrived (made on first use: most frames are never waited on)."""
+        if self._acked is None:
+            self._acked = trio.Event()
+            if self.ack is not None:
+                self._acked.set()
+        return self._acked
+
+    def record_ack(self, ack: AckRecord) -> None:
+        """The first ACK of this frame arrived."""
+        self.ack = ack
+        if self._acked is not None:
+            self._acked.set()
 
     def to_dict(self, *, with_frame: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {

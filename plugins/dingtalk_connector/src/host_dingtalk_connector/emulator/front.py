@@ -1,136 +1,110 @@
-"""The gateway's TCP front door: a byte relay in front of the app server's ``/connect``.
+"""The gateway's WebSocket endpoint: the ``endpoint`` handed out by ``connections/open``.
 
-DingTalk hands out a WebSocket ``endpoint`` on a separate host; the emulator hands out this relay's
-port. Relaying the raw TCP stream is what makes the TCP-level faults possible, which an ASGI app
-cannot do on its own:
+DingTalk serves the Stream WebSocket on a host of its own; the emulator serves it on a port of its
+own, speaking WebSocket itself (wsproto, the sans-I/O protocol library hypercorn and trio-websocket
+are built on) over plain trio sockets rather than through the HTTP server, because:
 
-* ``zombie``: the TCP connection stays open but nothing passes any more in either direction (no
-  frames, no pongs to the client's pings), like a NAT that silently dropped the flow;
-* ``abort``: the connection is reset (RST) without a WebSocket close frame (client sees 1006);
-* ``close_tcp``: FIN without a close frame (what DingTalk does ~10 s after a ``disconnect``).
+* TCP-level faults need the socket, which an ASGI app never sees:
+  ``zombie`` (the connection stays open but nothing passes either way, no frames and no pongs, like
+  a NAT that silently dropped the flow), ``abort`` (reset, no close frame: the client sees 1006) and
+  ``close_tcp`` (FIN without a close frame, what DingTalk does ~10 s after a ``disconnect``);
+* the client's close code and reason and its pings are seen first hand;
+* speed: frames queued together leave in one ``send`` and ACKs that arrive together are handled in
+  one wake-up, so the emulator is not what limits a Stream benchmark.
 
-The relay also reads the client's WebSocket framing (headers only) to learn the close code and
-reason the client sent, and how many pings it sent: the app server does not report them.
+Only ``GET /connect`` WebSocket upgrades are served here; anything else gets a 404 (another path) or
+400 (not a WebSocket upgrade) with a JSON error. The handshake accepts ``permessage-deflate`` when
+offered (as the HTTP server's WebSocket route does).
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
+import msgspec
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WsProtoConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.extensions import PerMessageDeflate
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from host.logs import logger
 
-__all__ = ["ClientFrameScanner", "GatewayFront", "Link"]
+__all__ = ["GatewayFront", "Link", "Rejection"]
 
+#: Largest HTTP upgrade request head accepted, and how long a client has to send it.
 _MAX_HANDSHAKE = 64 * 1024
-
-
-class ClientFrameScanner:
-    """Follows a client->server WebSocket byte stream and notes close frames and pings.
-
-    Only frame headers are parsed (payloads are skipped, except the <= 125-byte close payload), so
-    permessage-deflate does not matter: control frames are never compressed.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._in_handshake = True
-        self._skip = 0
-        self.broken = False
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.saw_close = False
-        self.pings = 0
-        self.frames = 0
-
-    def feed(self, data: bytes) -> None:
-        if self.broken:
-            return
-        self._buf += data
-        if self._in_handshake:
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > _MAX_HANDSHAKE:
-                    self.broken = True
-                return
-            del self._buf[: end + 4]
-            self._in_handshake = False
-        self._parse()
-
-    def _parse(self) -> None:
-        buf = self._buf
-        while True:
-            if self._skip:
-                n = min(self._skip, len(buf))
-                del buf[:n]
-                self._skip -= n
-                if self._skip:
-                    return
-            if len(buf) < 2:
-                return
-            opcode = buf[0] & 0x0F
-            masked = bool(buf[1] & 0x80)
-            length = buf[1] & 0x7F
-            header = 2
-            if length == 126:
-                header += 2
-            elif length == 127:
-                header += 8
-            if masked:
-                header += 4
-            if len(buf) < header:
-                return
-            if length == 126:
-                length = struct.unpack_from("!H", buf, 2)[0]
-            elif length == 127:
-                length = struct.unpack_from("!Q", buf, 2)[0]
-            self.frames += 1
-            if opcode == 0x8 and length <= 125:
-                if len(buf) < header + length:
-                    self.frames -= 1  # counted again once complete
-                    return
-                payload = bytearray(buf[header : header + length])
-                if masked:
-                    mask = buf[header - 4 : header]
-                    for i in range(len(payload)):
-                        payload[i] ^= mask[i % 4]
-                self.saw_close = True
-                if len(payload) >= 2:
-                    self.close_code = struct.unpack_from("!H", payload)[0]
-                    self.close_reason = bytes(payload[2:]).decode("utf-8", "replace")
-                else:
-                    self.close_code = 1005  # "no status received"
-                del buf[: header + length]
-                continue
-            if opcode == 0x9:
-                self.pings += 1
-            del buf[:header]
-            self._skip = length
+_HANDSHAKE_TIMEOUT = 30.0
+#: Bytes read per ``receive_some``: a burst of ACKs costs one wake-up.
+_RECEIVE_BUFFER = 256 * 1024
+_JSON_UTF8 = b"application/json;charset=utf-8"
 
 
 @dataclass
+class Rejection:
+    """A refused upgrade: the HTTP status and JSON body answered instead of ``101``."""
+
+    status: int
+    body: dict[str, Any]
+
+
 class Link:
-    """One relayed client connection."""
+    """One client's WebSocket connection on the gateway port (the transport of a ``Connection``).
 
-    id: int
-    peer: tuple[Any, ...]
-    upstream_port: int
-    downstream: trio.SocketStream
-    upstream: trio.SocketStream
-    scanner: ClientFrameScanner = field(default_factory=ClientFrameScanner)
-    zombie: bool = False
-    ended: str = ""  # how the relay ended: client_eof | server_eof | abort | close_tcp | error
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    done: trio.Event = field(default_factory=trio.Event)
+    ``receive`` returns the next complete inbound messages (``str`` text, ``bytes`` binary) in one
+    batch, or ``None`` once the connection is over; ``send`` writes a batch of outbox items in one
+    ``send``. Pings are answered here (``pings`` counts them); a close frame from the client is
+    answered and recorded in ``client_close``.
+    """
 
+    def __init__(self, number: int, peer: tuple[Any, ...], stream: trio.SocketStream,
+                 ws: WsProtoConnection, *, max_message_bytes: int) -> None:
+        self.id = number
+        self.peer = peer
+        self.stream = stream
+        self.ws = ws
+        self.max_message_bytes = max_message_bytes
+        self.zombie = False
+        #: How the TCP connection ended: "" (open), client_eof, server_eof, abort, close_tcp, error.
+        self.ended = ""
+        self.pings = 0
+        #: Writes to the socket and reads from it that carried messages (how well batching works).
+        self.writes = 0
+        self.reads = 0
+        #: ``(code, reason)`` of the close frame the client sent, if it sent one.
+        self.client_close: tuple[int, str] | None = None
+        #: ``(code, reason)`` of a close this link sent on its own (1009, protocol errors).
+        self.server_close: tuple[int, str] | None = None
+        #: Without a close frame the client sees an abnormal closure.
+        self.abnormal_close_code = 1006
+        self.cancel_scope = trio.CancelScope()
+        self.done = trio.Event()
+        # The reader (pongs, close replies) and the writer (pushes) share the socket.
+        self._send_lock = trio.StrictFIFOLock()
+        self._partial: list[str | bytes] = []
+        self._partial_size = 0
+        self._too_big = False
+        self._over = False  # the close handshake is complete: nothing more to read
+
+    # -- faults ------------------------------------------------------------------------------
     def make_zombie(self) -> None:
-        """Stop relaying in both directions; the TCP connection stays open."""
+        """Stop passing anything in either direction; the TCP connection stays open."""
         self.zombie = True
 
     def abort(self) -> None:
@@ -138,8 +112,7 @@ class Link:
         if not self.ended:
             self.ended = "abort"
             # Linger 0 turns close() into a reset instead of an orderly FIN.
-            self.downstream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                              struct.pack("ii", 1, 0))
+            self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.cancel_scope.cancel()
 
     def close_tcp(self) -> None:
@@ -148,17 +121,129 @@ class Link:
             self.ended = "close_tcp"
         self.cancel_scope.cancel()
 
+    # -- I/O -------------------------------------------------------------------------------------
+    async def _write(self, data: bytes) -> bool:
+        if self.zombie or not data:
+            return not self.ended
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.ended = self.ended or "error"
+            return False
+        self.writes += 1
+        return True
 
+    async def send(self, items: list[tuple[Any, ...]]) -> None:
+        """Write outbox items (``("text", str)``, ``("bytes", bytes)``, ``("close", code, reason)``)
+        in one ``send``; nothing after a close."""
+        ws = self.ws
+        chunks: list[bytes] = []
+        try:
+            for item in items:
+                kind = item[0]
+                if kind == "text":
+                    chunks.append(ws.send(TextMessage(data=item[1])))
+                elif kind == "bytes":
+                    chunks.append(ws.send(BytesMessage(data=item[1])))
+                elif kind == "close":
+                    chunks.append(ws.send(CloseConnection(code=item[1], reason=item[2])))
+                    break
+        except LocalProtocolError:
+            pass  # the connection is already closing: what could still be sent is sent
+        await self._write(b"".join(chunks))
+
+    async def receive(self) -> list[str | bytes] | None:
+        """The next inbound messages (at least one), or ``None`` once the connection is over."""
+        ws = self.ws
+        while not self._over:
+            try:
+                data = await self.stream.receive_some(_RECEIVE_BUFFER)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.ended = self.ended or "error"
+                return None
+            if not data:
+                self.ended = self.ended or "client_eof"
+                return None
+            if self.zombie:
+                continue  # swallowed: the flow is dead but the socket stays open
+            ws.receive_data(data)
+            messages: list[str | bytes] = []
+            replies: list[bytes] = []
+            over = False
+            for event in ws.events():
+                if isinstance(event, TextMessage | BytesMessage):
+                    message = self._assemble(event)
+                    if message is not None:
+                        messages.append(message)
+                    elif self._too_big and ws.state is ConnectionState.OPEN:
+                        # Like the HTTP server's WebSocket route: 1009 and no more messages.
+                        self.server_close = (1009, "")
+                        replies.append(ws.send(CloseConnection(code=1009)))
+                elif isinstance(event, Ping):
+                    self.pings += 1
+                    if ws.state is ConnectionState.OPEN:
+                        replies.append(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if ws.state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer
+                        self.client_close = (event.code, event.reason or "")
+                        replies.append(ws.send(event.response()))
+                    elif ws.state is ConnectionState.OPEN:  # wsproto found a protocol error
+                        self.server_close = (event.code, event.reason or "")
+                        replies.append(ws.send(CloseConnection(code=event.code, reason=event.reason)))
+                    # (otherwise the client answered our close)
+                    over = True
+            if replies:
+                await self._write(b"".join(replies))
+            if over:
+                self._over = True
+                self.ended = self.ended or "server_eof"  # we close TCP right after the handshake
+            if messages:
+                self.reads += 1
+                return messages
+            if over:
+                return None
+        return None
+
+    def _assemble(self, event: TextMessage | BytesMessage) -> str | bytes | None:
+        """A complete message once its last fragment arrived (bounded by ``max_message_bytes``)."""
+        if self._too_big:
+            return None
+        data: str | bytes = event.data if isinstance(event.data, str) else bytes(event.data)
+        if event.message_finished and not self._partial:
+            if len(data) <= self.max_message_bytes:
+                return data
+            self._too_big = True
+            return None
+        self._partial.append(data)
+        self._partial_size += len(data)
+        if self._partial_size > self.max_message_bytes:
+            self._too_big = True
+            self._partial.clear()
+            return None
+        if not event.message_finished:
+            return None
+        parts, self._partial, self._partial_size = self._partial, [], 0
+        return "".join(parts) if isinstance(parts[0], str) else b"".join(parts)  # type: ignore[arg-type]
+
+
+#: ``admit(ticket) -> Rejection | accepted`` and ``serve(link, accepted)`` (the Gateway's).
+Admit = Callable[[str], Any]
+Serve = Callable[[Link, Any], Awaitable[None]]
+
+
+@dataclass
 class GatewayFront:
-    """Listens on the gateway port and relays every connection to the app server."""
+    """Listens on the gateway port and serves each Stream WebSocket with ``serve``."""
 
-    def __init__(self, host: str, port: int, upstream_host: str) -> None:
-        self.host = host
-        self.port = port
-        self.upstream_host = upstream_host
-        self.upstream_port = 0  # set once the app server is bound
-        self.links: dict[int, Link] = {}  # by the relay's local port towards the app server
-        self._next_id = 0
+    host: str
+    port: int
+    #: Validates the ticket before the upgrade: a ``Rejection``, or what ``serve`` needs.
+    admit: Admit | None = None
+    serve: Serve | None = None
+    max_message_bytes: int = 1024 * 1024
+    links: dict[int, Link] = field(default_factory=dict)
+    _next_id: int = 0
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
@@ -167,56 +252,85 @@ class GatewayFront:
             task_status.started(self.port)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
-    def link_for(self, client_port: int | None) -> Link | None:
-        """The relayed connection whose upstream side has local port ``client_port``."""
-        return None if client_port is None else self.links.get(client_port)
-
-    async def _handle(self, downstream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            peer = downstream.socket.getpeername()
-            upstream = await trio.open_tcp_stream(self.upstream_host, self.upstream_port)
-        except OSError as exc:
-            logger.warning("gateway front: cannot reach the app server: {}", exc)
-            await trio.aclose_forcefully(downstream)
-            return
-        self._next_id += 1
-        local_port = upstream.socket.getsockname()[1]
-        link = Link(self._next_id, tuple(peer), local_port, downstream, upstream)
-        self.links[local_port] = link
-        try:
-            with link.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, link, downstream, upstream, True)
-                    nursery.start_soon(self._pump, link, upstream, downstream, False)
+            peer = tuple(stream.socket.getpeername())
+            # Pushes are small frames that must leave at once (trio sets this; be explicit).
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            opened = None
+            with trio.move_on_after(_HANDSHAKE_TIMEOUT):
+                opened = await self._handshake(stream, peer)
+            if opened is None:
+                return
+            link, accepted = opened
+            self.links[link.id] = link
+            try:
+                with link.cancel_scope:
+                    assert self.serve is not None
+                    await self.serve(link, accepted)
+            finally:
+                del self.links[link.id]
+                link.ended = link.ended or "server_eof"
+                link.done.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            logger.debug("gateway front: connection from a client failed: {!r}", exc)
+        except Exception as exc:  # a bug serving one client must not take the emulator down
+            logger.opt(exception=exc).error("gateway front: serving a connection failed: {!r}", exc)
         finally:
-            # Synchronous closes: an awaited close could be cut short by a surrounding
-            # cancellation and leave the other socket open.
-            downstream.socket.close()
-            upstream.socket.close()
-            link.done.set()
-            # The app server looked the link up when it accepted the WebSocket (and keeps it).
-            if self.links.get(local_port) is link:
-                del self.links[local_port]
+            # Synchronous close: an awaited one could be cut short by a surrounding cancellation.
+            stream.socket.close()
 
-    async def _pump(self, link: Link, src: trio.SocketStream, dst: trio.SocketStream,
-                    client_to_server: bool) -> None:
+    async def _handshake(self, stream: trio.SocketStream, peer: tuple[Any, ...]) -> tuple[Link, Any] | None:
+        """Read the upgrade request; answer 101 (returning the link and what ``admit`` accepted) or
+        an HTTP error (None)."""
+        ws = WSConnection(ConnectionType.SERVER)
+        request: Request | None = None
+        received = 0
+        while request is None:
+            data = await stream.receive_some(_MAX_HANDSHAKE)
+            if not data:
+                return None
+            received += len(data)
+            try:
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        request = event
+                        break
+            except RemoteProtocolError as exc:
+                # Not a WebSocket upgrade (plain HTTP, wrong method, missing headers).
+                await self._reject(stream, ws, Rejection(exc.event_hint.status_code
+                                                         if isinstance(exc.event_hint, RejectConnection) else 400,
+                                                         {"code": "InvalidRequest",
+                                                          "message": f"this is the Stream gateway: {exc}"}))
+                return None
+            if request is None and received > _MAX_HANDSHAKE:
+                await self._reject(stream, ws, Rejection(431, {"code": "InvalidRequest",
+                                                               "message": "request head too large"}))
+                return None
+        path, _, query = request.target.partition("?")
+        if path != "/connect":
+            await self._reject(stream, ws, Rejection(404, {"code": "NotFound",
+                                                           "message": f"no WebSocket endpoint at {path}"}))
+            return None
+        ticket = (parse_qs(query).get("ticket") or [""])[0]
+        assert self.admit is not None
+        accepted = self.admit(ticket)
+        if isinstance(accepted, Rejection):
+            await self._reject(stream, ws, accepted)
+            return None
+        await stream.send_all(ws.send(AcceptConnection(extensions=[PerMessageDeflate()])))
+        assert ws.connection is not None
+        self._next_id += 1
+        return Link(self._next_id, peer, stream, ws.connection, max_message_bytes=self.max_message_bytes), accepted
+
+    async def _reject(self, stream: trio.SocketStream, ws: WSConnection, rejection: Rejection) -> None:
+        body = msgspec.json.encode(rejection.body)
+        headers = [(b"content-type", _JSON_UTF8), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
         try:
-            while True:
-                data = await src.receive_some(65536)
-                if not data:
-                    if not link.ended:
-                        link.ended = "client_eof" if client_to_server else "server_eof"
-                    break
-                if client_to_server:
-                    link.bytes_up += len(data)
-                    if not link.zombie:
-                        link.scanner.feed(data)
-                else:
-                    link.bytes_down += len(data)
-                if link.zombie:
-                    continue  # swallowed: the flow is dead but the sockets stay open
-                await dst.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            if not link.ended:
-                link.ended = "error"
-        link.cancel_scope.cancel()
+            data = ws.send(RejectConnection(status_code=rejection.status, headers=headers, has_body=True))
+            data += ws.send(RejectData(data=body, body_finished=True))
+        except LocalProtocolError:  # the request was too broken for an HTTP answer
+            return
+        await stream.send_all(data)

@@ -1,6 +1,11 @@
 """The Stream gateway: ``POST /v1.0/gateway/connections/open``, tickets, the ``/connect``
 WebSocket, pushing frames to one of the app's connections, ACK tracking and redelivery.
 
+A connection is served the same way whichever port it came in on (``Transport``): the gateway
+endpoint (``front.Link``, with TCP faults) or ``/connect`` on the HTTP port. Pushes are queued on the
+connection's outbox; its writer sends everything queued in one write, and its reader records every
+ACK of one read before waking waiters once.
+
 Connection states: ``open`` -> (``disconnecting`` after a SYSTEM disconnect | ``zombie`` after the
 fault) -> ``closed``. Pushes go only to ``open`` and ``zombie`` connections that subscribed to the
 topic (the server cannot tell a zombie from a healthy connection), chosen per
@@ -14,7 +19,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import trio
@@ -24,18 +29,78 @@ from starlette.websockets import WebSocket
 
 from host.logs import logger
 
-from .errors import EmulatorError, NoConnection, NotFound
+from .errors import ApiError, EmulatorError, NoConnection, NotFound
 from .faults import FaultSwitches
-from .frames import AckRecord, FrameRecord, build_frame, encode, judge_ack, parse_ack
-from .front import GatewayFront, Link
+from .frames import (
+    AckRecord,
+    FrameRecord,
+    build_frame,
+    encode,
+    encode_bytes,
+    frame_of,
+    judge_ack,
+    parse_ack,
+)
+from .front import GatewayFront, Link, Rejection
 from .openapi import credentials_match
 from .state import EmulatorState, Registration, Ticket
 
-__all__ = ["BOT_TOPIC", "CARD_CALLBACK_TOPIC", "Connection", "Gateway"]
+__all__ = ["BOT_TOPIC", "CARD_CALLBACK_TOPIC", "Connection", "Gateway", "Transport"]
 
 BOT_TOPIC = "/v1.0/im/bot/messages/get"
 CARD_CALLBACK_TOPIC = "/v1.0/card/instances/callback"
 _JSON_UTF8 = "application/json;charset=utf-8"
+#: Reused on every push (one suppress object, not one per frame).
+_IF_CLOSED = contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError)
+
+
+class Transport(Protocol):
+    """How a ``Connection`` talks to its client: ``front.Link`` on the gateway endpoint, or
+    ``_AsgiTransport`` on ``/connect`` of the HTTP port."""
+
+    #: ``(code, reason)`` of the client's close frame, once it sent one (None if unknown).
+    client_close: tuple[int, str] | None
+    #: ``(code, reason)`` of a close the transport sent on its own (message too big, protocol error).
+    server_close: tuple[int, str] | None
+    #: Close code recorded when the connection ended without a known client close frame.
+    abnormal_close_code: int
+
+    async def receive(self) -> list[str | bytes] | None:
+        """The next inbound messages (at least one), or None once the connection is over."""
+        ...
+
+    async def send(self, items: list[tuple[Any, ...]]) -> None:
+        """Write outbox items: ``("text", str)``, ``("bytes", bytes)``, ``("close", code, reason)``."""
+        ...
+
+
+class _AsgiTransport:
+    """A Starlette WebSocket as a ``Transport`` (one message per receive, one per send)."""
+
+    client_close: tuple[int, str] | None = None
+    server_close: tuple[int, str] | None = None
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.abnormal_close_code = 1006
+
+    async def receive(self) -> list[str | bytes] | None:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            self.abnormal_close_code = message.get("code", 1006)
+            return None
+        raw = message.get("text")
+        return [raw if raw is not None else message.get("bytes") or b""]
+
+    async def send(self, items: list[tuple[Any, ...]]) -> None:
+        for item in items:
+            if item[0] == "text":
+                await self.websocket.send_text(item[1])
+            elif item[0] == "bytes":
+                await self.websocket.send_bytes(item[1])
+            elif item[0] == "close":
+                await self.websocket.close(item[1], item[2])
+                return
 
 
 @dataclass
@@ -50,7 +115,7 @@ class Connection:
     opened_at: float
     opened_ms: int
     registration_seq: int
-    link: Link | None
+    link: Link | None  # the gateway endpoint's socket (TCP faults); None on the HTTP port
     outbox: trio.MemorySendChannel[tuple[Any, ...]]
     state: str = "open"
     swallow: bool = False  # pushes are recorded but never written (stale-channel zombie)
@@ -89,7 +154,7 @@ class Connection:
             "closedBy": self.closed_by, "subscriptions": self.subscriptions,
             "registration": self.registration_seq, "framesSent": len(self.frames),
             "acksReceived": len(self.acks()),
-            "clientPings": None if self.link is None else self.link.scanner.pings,
+            "clientPings": None if self.link is None else self.link.pings,
             "tcp": None if self.link is None else (self.link.ended or "open"),
         }
         if with_frames:
@@ -100,8 +165,6 @@ class Connection:
 
 
 def _api_error(status: int, code: str, message: str) -> JSONResponse:
-    from .errors import ApiError
-
     return JSONResponse(ApiError(status, code, message).body(), status_code=status,
                         media_type=_JSON_UTF8)
 
@@ -114,6 +177,8 @@ class Gateway:
         self.front = front
         self.faults_ref = faults
         self.rng = rng
+        front.admit, front.serve = self._admit, self._serve_link
+        front.max_message_bytes = state.settings.max_inbound_message_bytes
         self.connections: dict[str, Connection] = {}
         self.rejected_handshakes: list[dict[str, Any]] = []
         self._round_robin = 0
@@ -205,30 +270,43 @@ class Gateway:
         return ticket
 
     # --- the WebSocket ------------------------------------------------------------------------
-    async def websocket_endpoint(self, websocket: WebSocket) -> None:
-        """``GET /connect?ticket=...``: validate the ticket before the upgrade, then serve."""
-        value = websocket.query_params.get("ticket", "")
+    def _admit(self, value: str) -> Ticket | Rejection:
+        """Validate (and use up) the ``ticket`` of a WebSocket upgrade, before the upgrade."""
         ticket = self._consume_ticket(value)
-        if isinstance(ticket, str):
-            messages = {"unknown": "ticket is not exist", "used": "ticket has been used",
-                        "expired": "ticket is expired"}
-            self.rejected_handshakes.append({"at": self.state.clock.epoch_ms(), "reason": ticket,
-                                             "ticket": value})
-            logger.info("emulator: WebSocket handshake rejected: {} ticket", ticket)
-            status = self.settings.ticket_reject_status
+        if not isinstance(ticket, str):
+            return ticket
+        messages = {"unknown": "ticket is not exist", "used": "ticket has been used",
+                    "expired": "ticket is expired"}
+        self.rejected_handshakes.append({"at": self.state.clock.epoch_ms(), "reason": ticket,
+                                         "ticket": value})
+        logger.info("emulator: WebSocket handshake rejected: {} ticket", ticket)
+        status = self.settings.ticket_reject_status
+        self.state.notifier.notify()
+        return Rejection(status, ApiError(status, f"ticket.{ticket}", messages[ticket]).body())
+
+    async def websocket_endpoint(self, websocket: WebSocket) -> None:
+        """``GET /connect?ticket=...`` on the HTTP port: validate the ticket before the upgrade,
+        then serve (no TCP faults there: the gateway endpoint of ``front.py`` has them)."""
+        ticket = self._admit(websocket.query_params.get("ticket", ""))
+        if isinstance(ticket, Rejection):
             await websocket.send_denial_response(
-                _api_error(status, f"ticket.{ticket}", messages[ticket]))
-            self.state.notifier.notify()
+                JSONResponse(ticket.body, status_code=ticket.status, media_type=_JSON_UTF8))
             return
         await websocket.accept()
         client = websocket.client
-        link = self.front.link_for(client.port if client else None)
+        await self._serve(_AsgiTransport(websocket), ticket, link=None,
+                          peer=f"{client.host}:{client.port}" if client else "")
+
+    async def _serve_link(self, link: Link, ticket: Ticket) -> None:
+        """A connection accepted on the gateway endpoint (``GatewayFront``)."""
+        await self._serve(link, ticket, link=link, peer=f"{link.peer[0]}:{link.peer[1]}")
+
+    async def _serve(self, transport: Transport, ticket: Ticket, *, link: Link | None, peer: str) -> None:
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         reg = ticket.registration
         conn = Connection(
             id=self.state.ids.uuid(), client_id=reg.client_id, ticket=ticket.value,
-            subscriptions=list(reg.subscriptions or []),
-            peer=f"{link.peer[0]}:{link.peer[1]}" if link else (f"{client.host}:{client.port}" if client else ""),
+            subscriptions=list(reg.subscriptions or []), peer=peer,
             opened_at=self.state.clock.now(), opened_ms=self.state.clock.epoch_ms(),
             registration_seq=reg.seq, link=link, outbox=send)
         self.connections[conn.id] = conn
@@ -237,44 +315,56 @@ class Gateway:
         self.state.notifier.notify()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, websocket, conn, receive)
+                nursery.start_soon(self._writer, transport, conn, receive)
                 if self.settings.server_ping_interval:
                     nursery.start_soon(self._pinger, conn)
                 if self.settings.max_connection_lifetime:
                     nursery.start_soon(self._lifetime, conn)
-                await self._reader(websocket, conn)
+                await self._reader(transport, conn)
                 nursery.cancel_scope.cancel()
         finally:
             self._mark_closed(conn)
 
-    async def _reader(self, websocket: WebSocket, conn: Connection) -> None:
+    async def _reader(self, transport: Transport, conn: Connection) -> None:
+        notify = self.state.notifier.notify
         while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
+            messages = await transport.receive()
+            if messages is None:
                 if not conn.closed_by:
-                    scanner = conn.link.scanner if conn.link else None
-                    if scanner is not None and scanner.saw_close:
+                    client_close, server_close = transport.client_close, transport.server_close
+                    if client_close is not None:
                         conn.closed_by = "client"
-                        conn.close_code, conn.close_reason = scanner.close_code, scanner.close_reason
+                        conn.close_code, conn.close_reason = client_close
+                    elif server_close is not None:
+                        conn.closed_by = "server"
+                        conn.close_code, conn.close_reason = server_close
                     else:
                         conn.closed_by = "network"
-                        conn.close_code = 1006 if conn.link else message.get("code", 1006)
+                        conn.close_code = transport.abnormal_close_code
                 return
             if conn.state == "zombie":
                 continue
-            raw = message.get("text")
-            self._on_inbound(conn, raw if raw is not None else message.get("bytes") or b"")
+            for raw in messages:
+                self._on_inbound(conn, raw)
+            notify()  # once per batch of ACKs
 
-    async def _writer(self, websocket: WebSocket, conn: Connection,
+    async def _writer(self, transport: Transport, conn: Connection,
                       receive: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> None:
-        async for item in receive:
-            if item[0] == "text":
-                await websocket.send_text(item[1])
-            elif item[0] == "bytes":
-                await websocket.send_bytes(item[1])
-            elif item[0] == "close":
-                conn.closed_by, conn.close_code, conn.close_reason = "server", item[1], item[2]
-                await websocket.close(item[1], item[2])
+        while True:
+            try:
+                batch = [await receive.receive()]
+                # Everything queued meanwhile goes out in the same write.
+                while True:
+                    batch.append(receive.receive_nowait())
+            except trio.WouldBlock:
+                pass
+            except trio.EndOfChannel:
+                return
+            closing = next((item for item in batch if item[0] == "close"), None)
+            if closing is not None:
+                conn.closed_by, conn.close_code, conn.close_reason = "server", closing[1], closing[2]
+            await transport.send(batch)
+            if closing is not None:
                 return
 
     def _mark_closed(self, conn: Connection) -> None:
@@ -288,19 +378,18 @@ class Gateway:
             self.state.notifier.notify()
 
     def _on_inbound(self, conn: Connection, raw: str | bytes) -> None:
+        """Record one client message (an ACK, or a problem); the reader notifies waiters."""
         state = self.state
         ack, problem = parse_ack(raw)
         text = raw if isinstance(raw, str) else repr(raw[:200])
         if ack is None:
             conn.inbound_problems.append({"at": state.clock.epoch_ms(), "problem": problem,
                                           "raw": text[:2000]})
-            state.notifier.notify()
             return
         frame = conn.by_message_id.get(ack["headers"]["messageId"])
         if frame is None:
             conn.inbound_problems.append({"at": state.clock.epoch_ms(), "raw": text[:2000],
                                           "problem": "ACK for a messageId never sent on this connection"})
-            state.notifier.notify()
             return
         record = judge_ack(frame, ack, now=state.clock.now(), now_ms=state.clock.epoch_ms(),
                            card_callback_timeout=self.settings.card_callback_timeout, raw=text)
@@ -308,11 +397,9 @@ class Gateway:
             record.verdict = "duplicate"
             frame.extra_acks.append(record)
         else:
-            frame.ack = record
-            frame.acked.set()
+            frame.record_ack(record)
             if frame.kind == "card_callback" and record.verdict == "ok" and self.on_card_ack:
                 self.on_card_ack(frame, record)
-        state.notifier.notify()
 
     async def _pinger(self, conn: Connection) -> None:
         interval = self.settings.server_ping_interval
@@ -356,10 +443,12 @@ class Gateway:
         else:
             hdrs = {"contentType": "application/json", "messageId": mid, "time": str(now_ms),
                     "topic": topic}
-        hdrs.update(headers or {})
-        frame = build_frame(frame_type, hdrs, payload)
-        text = encode(frame)
-        size = len(text.encode())
+        if headers:
+            assert all(isinstance(v, str) for v in headers.values()), "header values must be strings"
+            hdrs.update(headers)
+        frame = frame_of(frame_type, hdrs, payload)
+        wire = encode_bytes(frame)
+        size = len(wire)
         if size > self.settings.max_frame_bytes and not allow_oversized:
             raise EmulatorError(f"frame would be {size} bytes, over max_frame_bytes "
                                 f"({self.settings.max_frame_bytes}); use the oversized fault on purpose")
@@ -371,13 +460,13 @@ class Gateway:
         conn.frames.append(record)
         conn.by_message_id.setdefault(mid, record)
         if not conn.swallow:
-            self._send(conn, ("text", text))
+            self._send(conn, ("text", wire.decode()))
         self.state.notifier.notify()
         return record
 
     def _send(self, conn: Connection, item: tuple[Any, ...]) -> None:
-        # If the connection just closed, the frame stays recorded as sent and is lost, like on DingTalk.
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        # If it just closed, the frame stays recorded as sent and is lost, like on DingTalk.
+        with _IF_CLOSED:
             conn.outbox.send_nowait(item)
 
     def choose(self, frame_type: str, topic: str) -> Connection | None:

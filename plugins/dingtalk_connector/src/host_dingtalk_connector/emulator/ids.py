@@ -29,7 +29,8 @@ class IdFactory:
 
     def message_id(self, epoch_ms: int) -> str:
         """Frame ``headers.messageId``, e.g. ``212ca9d7_974_1898c159aa6_1783b``."""
-        return f"{self._hex(8)}_{self._hex(3)}_{epoch_ms:011x}_{self._hex(5)}"
+        bits = self.rng.getrandbits  # one call per part: this runs on every push
+        return f"{bits(32):08x}_{bits(12):03x}_{epoch_ms:011x}_{bits(20):05x}"
 
     def msg_id(self) -> str:
         """Bot message ``msgId`` (encrypted-looking, ends in ``==``)."""

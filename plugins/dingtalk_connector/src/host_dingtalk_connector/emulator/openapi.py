@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .errors import ApiError, OapiError
@@ -25,11 +25,23 @@ from .faults import FaultSwitches
 from .settings import EmulatorSettings
 from .state import BotMessage, CallRecord, EmulatorState
 
-__all__ = ["MSG_KEYS", "Call", "OpenApi", "render_msg_param"]
+__all__ = ["MSG_KEYS", "Call", "JsonAnswer", "OpenApi", "render_msg_param"]
 
 Auth = Literal["token", "oapi", "none"]
 _BAD_JSON = object()
 _JSON_UTF8 = "application/json;charset=utf-8"
+_encode_json = msgspec.json.Encoder().encode
+
+
+class JsonAnswer(Response):
+    """Starlette's ``JSONResponse`` rendered by msgspec: the same compact UTF-8 bytes for the
+    emulator's answers (objects of strings, numbers, booleans, lists), at a fraction of the cost
+    of ``json.dumps`` on every API call."""
+
+    media_type = _JSON_UTF8
+
+    def render(self, content: Any) -> bytes:
+        return _encode_json(content)
 
 #: msgKey -> required msgParam fields (reference §6.3).
 MSG_KEYS: dict[str, tuple[str, ...]] = {
@@ -114,7 +126,8 @@ class OpenApi:
                 except msgspec.DecodeError:
                     body = _BAD_JSON
             shown = raw[:2000].decode("utf-8", "replace") if body is _BAD_JSON else body
-            record = self.state.record_call(method, request.url.path, api_name, shown)
+            # scope["path"] is request.url.path without building the whole URL object.
+            record = self.state.record_call(method, request.scope["path"], api_name, shown)
             try:
                 client_id = self._authenticate(request, auth)
                 if auth == "token":
@@ -127,15 +140,15 @@ class OpenApi:
                 if isinstance(result, Response):
                     response = result
                 else:
-                    response = JSONResponse(result, media_type=_JSON_UTF8)
+                    response = JsonAnswer(result)
                     record.response = result
                     if isinstance(result, dict) and result.get("errcode") not in (None, 0):
                         record.code = str(result["errcode"])
             except ApiError as exc:
-                response = JSONResponse(exc.body(), status_code=exc.status, media_type=_JSON_UTF8)
+                response = JsonAnswer(exc.body(), status_code=exc.status)
                 record.code, record.response = exc.code, exc.body()
             except OapiError as exc:
-                response = JSONResponse(exc.body(), media_type=_JSON_UTF8)
+                response = JsonAnswer(exc.body())
                 record.code, record.response = str(exc.errcode), exc.body()
             record.status = response.status_code
             self.state.notifier.notify()

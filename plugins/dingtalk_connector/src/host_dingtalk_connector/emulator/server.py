@@ -1,8 +1,9 @@
 """``open_emulator()`` and the ``Emulator`` facade tests and the demo use.
 
 One emulator = an HTTP server (hypercorn on trio serving the Starlette app: OpenAPIs, webhooks,
-control API, chat page, ``/connect``) plus the gateway front (the WebSocket ``endpoint`` handed out
-by ``connections/open``), both on 127.0.0.1 by default, inside the caller's trio run.
+control API, chat page, ``/connect``), the session-webhook host (the same app behind the lean
+``h11_server``: the URLs in ``sessionWebhook``) and the gateway front (the WebSocket ``endpoint``
+handed out by ``connections/open``), all on 127.0.0.1 by default, inside the caller's trio run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import hypercorn.trio
 import trio
 from hypercorn.config import Config
+from starlette.routing import Route
 
 from host.logs import logger
 
@@ -30,6 +32,7 @@ from .faults import Faults
 from .frames import FrameRecord
 from .front import GatewayFront
 from .gateway import BOT_TOPIC, Gateway
+from .h11_server import serve_h11
 from .ids import IdFactory
 from .messages import MSGTYPES, build_message, decode_file_spec
 from .openapi import OpenApi
@@ -47,8 +50,10 @@ class Emulator:
     """A running DingTalk emulator. Create it with ``open_emulator()``.
 
     Attributes: ``base_url`` (``http://127.0.0.1:PORT``: OpenAPIs, webhooks, control API, chat
-    page), ``gateway_url`` (``ws://127.0.0.1:PORT/connect``), ``settings``, ``faults`` (see
-    ``faults.Faults``) and ``state`` (the raw records, for anything the methods do not cover).
+    page), ``webhook_url`` (the session webhooks' host: the same app on a port of its own, like
+    DingTalk's ``oapi.dingtalk.com``), ``gateway_url`` (``ws://127.0.0.1:PORT/connect``),
+    ``settings``, ``faults`` (see ``faults.Faults``) and ``state`` (the raw records, for anything
+    the methods do not cover).
     """
 
     def __init__(self, settings: EmulatorSettings) -> None:
@@ -56,9 +61,7 @@ class Emulator:
         self.rng = random.Random(settings.random_seed)
         self.state = EmulatorState(settings, EmulatorClock(), IdFactory(self.rng))
         self.faults = Faults(self)
-        upstream = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
-        upstream = "::1" if settings.host == "::" else upstream
-        self.front = GatewayFront(settings.host, settings.gateway_port, upstream)
+        self.front = GatewayFront(settings.host, settings.gateway_port)
         self.gateway = Gateway(self.state, self.front, self.faults.switches, self.rng)
         self.openapi = OpenApi(self.state, lambda: self.faults.switches)
         self.webhook = SessionWebhook(self.state)
@@ -69,6 +72,7 @@ class Emulator:
         self._user_messages: dict[str, UserMessage] = {}
         self.base_url = ""
         self.gateway_url = ""
+        self.webhook_url = ""
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def _start(self, nursery: trio.Nursery) -> None:
@@ -90,7 +94,14 @@ class Emulator:
             settings.host, f"[{settings.host}]" if ":" in settings.host else settings.host)
         self.base_url = f"http://{public_host}:{port}"
         self.state.base_url = self.base_url
-        self.front.upstream_port = port
+        # The session-webhook host: the same app behind a lean HTTP/1.1 server (see h11_server); its
+        # one hot route, the webhook itself, goes straight to its endpoint.
+        direct = {("POST", route.path): route.app for route in app.routes
+                  if isinstance(route, Route) and route.path == "/robot/sendBySession"}
+        webhook_port = await nursery.start(partial(serve_h11, app, settings.host, settings.webhook_port,
+                                                   direct=direct))
+        self.webhook_url = f"http://{public_host}:{webhook_port}"
+        self.state.webhook_base_url = self.webhook_url
         gateway_port = await nursery.start(self.front.run)
         self.gateway_url = f"ws://{public_host}:{gateway_port}/connect"
         self.gateway.nursery = nursery

@@ -34,6 +34,10 @@ class EmulatorSettings:
     #: TCP port of the Stream gateway's WebSocket endpoint (0 = any free port). It is the
     #: ``endpoint`` handed out by ``connections/open``, like DingTalk's separate wss host.
     gateway_port: int = 0
+    #: HTTP port of the session webhooks (``sessionWebhook`` URLs; 0 = any free port), like
+    #: DingTalk's separate ``oapi.dingtalk.com`` host. A lean HTTP/1.1 server (``h11_server``)
+    #: serves the same app there: every answered message is one POST to it.
+    webhook_port: int = 0
 
     # --- the app (one internal app with its robot) ------------------------------------------
     client_id: str = DEFAULT_CLIENT_ID

@@ -47,10 +47,13 @@ class Notifier:
 
     def __init__(self) -> None:
         self._event = trio.Event()
+        self._waiting = 0
 
     def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
+        # Called on every push and ACK: costs nothing while nobody waits.
+        if self._waiting:
+            self._event.set()
+            self._event = trio.Event()
 
     async def wait_until(self, predicate: Callable[[], T | None]) -> T:
         """Return the predicate's first non-None result (checked now and after every change)."""
@@ -58,7 +61,11 @@ class Notifier:
             result = predicate()
             if result is not None:
                 return result
-            await self._event.wait()
+            self._waiting += 1
+            try:
+                await self._event.wait()
+            finally:
+                self._waiting -= 1
 
 
 @dataclass
@@ -257,6 +264,7 @@ class EmulatorState:
         self.ids = ids
         self.notifier = Notifier()
         self.base_url = ""
+        self.webhook_base_url = ""
         self._seq = 0
         self.users: dict[str, User] = {}
         self.conversations: dict[str, Conversation] = {}
@@ -340,7 +348,8 @@ class EmulatorState:
         return session
 
     def session_url(self, session: Session) -> str:
-        return f"{self.base_url}/robot/sendBySession?session={session.id}"
+        # Session webhooks have a host of their own (like oapi.dingtalk.com): Emulator.webhook_url.
+        return f"{self.webhook_base_url or self.base_url}/robot/sendBySession?session={session.id}"
 
     # --- tokens -----------------------------------------------------------------------------
     def issue_token(self, client_id: str) -> Token:

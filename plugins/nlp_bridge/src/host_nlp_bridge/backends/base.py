@@ -54,7 +54,8 @@ class Backend(Protocol):
     model: str
     #: Can answer token by token.
     can_stream: bool
-    #: Longest silence the backend itself tolerates before failing (its read timeout), or ``None``.
+    #: Longest silence the backend itself tolerates before failing (its read timeout), or ``None``;
+    #: ``0.0`` for a backend that never waits (then the bridge puts no time limit around its items).
     stall_timeout: float | None
 
     def generate(self, request: ChatRequest) -> AsyncIterator[Item]:

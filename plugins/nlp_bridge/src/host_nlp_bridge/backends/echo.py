@@ -31,12 +31,12 @@ class EchoBackend:
     kind = "echo"
     can_stream = True
     model = "echo"
-    #: Echo's deliberate delays are not bounded by any timeout of its own.
-    stall_timeout: float | None = None
-
     def __init__(self, name: str, settings: BackendConfig) -> None:
         self.name = name
         self.settings = settings
+        #: Echo's deliberate delays are not bounded by any timeout of its own; without delays it
+        #: never waits (0.0), so the bridge can skip the cancel scope per streamed word.
+        self.stall_timeout: float | None = None if settings.delay or settings.chunk_delay else 0.0
 
     def describe(self) -> str:
         return f"{self.name} (built-in echo: replies repeat the message, prefixed {ECHO_PREFIX.strip()!r})"
