@@ -1,7 +1,7 @@
 """DingTalk emulator: start-up time, push -> ACK round trip, and webhook reply throughput.
 
 ``python benchmarks/emulator_bench.py`` (about 20-40 s). Each figure has a baseline measured in the
-same run, and the ratio says what the emulator (or its gateway relay) adds:
+same run, and the ratio says what the emulator (or its gateway endpoint) adds:
 
 1. **Start-up** (goal: < 1 s): ``python -m host_dingtalk_connector.emulator --port 0`` until it prints
    its base URL, median of 5 runs, with byte-code cached (as after ``pip install``; a private
@@ -11,8 +11,8 @@ same run, and the ratio says what the emulator (or its gateway relay) adds:
    ``python -m`` before the emulator).
 2. **Push -> ACK round trip**: the emulator pushes a bot message, a bare trio-websocket client ACKs
    it, the emulator records the ACK; sequential, N messages. Through the gateway endpoint handed out
-   by ``connections/open`` (the TCP relay that makes TCP faults possible) versus ``/connect`` on the
-   HTTP port directly (baseline): the ratio is the relay's cost.
+   by ``connections/open`` (the emulator's own WebSocket server on wsproto, which makes TCP faults
+   possible) versus ``/connect`` on the HTTP port (hypercorn + Starlette; baseline).
 3. **Webhook replies**: sequential ``POST /robot/sendBySession`` (validated, recorded) versus
    ``GET /_emulator`` (the smallest handler on the same server) as the baseline.
 """
@@ -115,13 +115,13 @@ def main() -> None:
     print(f"   CLI until the base URL, byte-code cached {warm * 1000:5.0f} ms   (goal < 1000 ms)")
     print(f"   CLI until the base URL, no byte-code     {cold * 1000:5.0f} ms   (x{cold / warm:.1f})")
 
-    relay = trio.run(round_trips, False)
+    gateway = trio.run(round_trips, False)
     direct = trio.run(round_trips, True)
     print(f"2. push -> ACK round trip, {N_PUSH} sequential messages")
-    for name, times in (("direct /connect (baseline)", direct), ("gateway endpoint (relay)", relay)):
+    for name, times in (("direct /connect (baseline)", direct), ("gateway endpoint", gateway)):
         print(f"   {name:28} p50 {pct(times, .5) * 1e3:6.2f} ms  p99 {pct(times, .99) * 1e3:6.2f} ms  "
               f"{len(times) / sum(times):7.0f} msg/s")
-    print(f"   relay / direct p50: x{pct(relay, .5) / pct(direct, .5):.2f}")
+    print(f"   gateway / direct p50: x{pct(gateway, .5) / pct(direct, .5):.2f}")
 
     base = trio.run(http_rate, False)
     hook = trio.run(http_rate, True)

@@ -494,7 +494,8 @@ class Reloader:
             host.plugins.unregister(name)
 
     async def _activate(self, name: str, *, old_connectors: list[Connector]) -> None:
-        """Start the (re)registered plugin's connectors and middleware; then retire old connectors."""
+        """Start the (re)registered plugin's connectors and middleware, open its gate, then retire
+        the old connectors."""
         host = self.host
         new_connectors: list[Connector] = []
         outcome = host.dispatcher.call_sync_plugin(
@@ -504,13 +505,16 @@ class Reloader:
             logger.error("plugin {} could not register its connectors after reload", name)
         for connector in new_connectors:
             await host.start_connector(connector, owner=name)  # make before break
-        for connector in old_connectors:
-            await host.stop_connector(connector)
         middleware: list[tuple[str, Middleware]] = []
         host.dispatcher.call_sync_plugin(
             name, "register_middleware", host=host, register=lambda f: middleware.append((name, f))
         )
         host.set_middleware([*[(p, f) for p, f in host.middleware if p != name], *middleware])
+        # The plugin is complete again: open its gate before stopping the old connectors, whose
+        # stop waits for the events they are handling, which may be waiting at this very gate.
+        host.dispatcher.resume(name)
+        for connector in old_connectors:
+            await host.stop_connector(connector)
 
 
 def _module_roots(module: str | None, old: PluginRecord | None) -> tuple[str, ...]:

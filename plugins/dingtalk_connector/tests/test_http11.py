@@ -6,7 +6,9 @@ throw-away CA from trustme); real clock, short timeouts only where a timeout is 
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -17,7 +19,7 @@ import pytest
 import trio
 import trustme
 from host_dingtalk_connector.errors import HttpTransportError
-from host_dingtalk_connector.http11 import KeepAliveHttp
+from host_dingtalk_connector.http11 import HttpAnswer, KeepAliveHttp
 
 from host.tls import client_context
 
@@ -106,6 +108,38 @@ async def serving(
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def raw_server(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A bare TCP server on 127.0.0.1 running ``handler`` per connection; yields its port."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def read_request(stream: trio.SocketStream) -> tuple[h11.Request, bytes]:
+    """One whole request from ``stream`` (a raw server's own parsing, through h11)."""
+    conn = h11.Connection(h11.SERVER)
+    request, chunks = None, []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            return request, b"".join(chunks)
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
 def always_ok(n: int, request: h11.Request, body: bytes) -> Any:
     return 200, [("content-type", "application/json")], OK
 
@@ -179,23 +213,77 @@ async def test_a_connection_the_server_closed_is_not_reused() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_reused_connection_dropped_without_an_answer_is_retried_once_on_a_new_one() -> None:
-    # Request 2 arrives on the kept connection, which the server then drops without answering (the
-    # race of a server closing an idle connection as we reuse it): it is sent again on a new one.
+async def test_a_request_the_server_took_whole_is_never_sent_twice() -> None:
+    # Request 2 arrives whole on the kept connection; the server then drops it without answering.
+    # It may have been processed (a session-webhook POST has no idempotency key): sending it again
+    # could post the reply twice, so it is an error and the server sees it once.
     def drop_second(n: int, request: h11.Request, body: bytes) -> Any:
         return None if n == 2 else (200, [], body)
 
     with trio.fail_after(LIMIT):
         async with serving(Server(drop_second)) as server:
             http = KeepAliveHttp(client_context(), timeout=5)
-            url = f"http://127.0.0.1:{server.port}/x"
+            url = f"http://127.0.0.1:{server.port}/x?session=secret-session"
             assert (await http.post_json(url, b"one")).body == b"one"
-            assert (await http.post_json(url, b"two")).body == b"two"
-            assert server.connections == 2 and [b for _, b in server.requests] == [
-                b"one",
-                b"two",
-                b"two",
-            ]
+            with pytest.raises(
+                HttpTransportError, match="closed the connection without answering"
+            ) as caught:
+                await http.post_json(url, b"two")
+            assert not caught.value.timeout and "secret-session" not in str(caught.value)
+            assert server.connections == 1
+            assert [b for _, b in server.requests] == [b"one", b"two"]
+            assert (await http.post_json(url, b"three")).body == b"three"  # a new connection
+            assert server.connections == 2
+            await http.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_request_that_could_not_be_sent_whole_on_a_reused_connection_goes_on_a_new_one() -> None:
+    # The server answers request 1, then resets the kept connection after reading only the start of
+    # request 2 (as when it closes an idle connection while we reuse it): request 2 did not reach
+    # the server whole, so it cannot have been processed and is sent once more on a new connection.
+    body = b'{"text":"' + b"x" * (32 << 20) + b'"}'  # more than the kernel buffers take at once
+    seen: list[int] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connection = len(seen)
+        seen.append(0)
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    if connection == 0 and conn.their_state is h11.SEND_BODY and seen[0] == 1:
+                        # The second request's head has arrived: reset (RST, unread data dropped).
+                        stream.socket.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        return
+                    conn.receive_data(await stream.receive_some(1 << 20))
+                elif isinstance(event, h11.EndOfMessage):
+                    seen[connection] += 1
+                    out = conn.send(
+                        h11.Response(status_code=200, headers=[("content-length", "2")])
+                    ) or b""
+                    out += (conn.send(h11.Data(data=b"{}")) or b"") + (
+                        conn.send(h11.EndOfMessage()) or b""
+                    )
+                    await stream.send_all(out)
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            stream.socket.close()
+
+    with trio.fail_after(LIMIT):
+        async with raw_server(handle) as port:
+            http = KeepAliveHttp(client_context(), timeout=15)
+            url = f"http://127.0.0.1:{port}/x"
+            assert (await http.post_json(url, b"{}")).status == 200
+            assert (await http.post_json(url, body)).status == 200
+            assert seen == [1, 1]  # the first connection took request 1 only, the new one request 2
             await http.aclose()
 
 
@@ -261,6 +349,164 @@ async def test_refused_connection_oversized_answer_and_bad_urls() -> None:
         with pytest.raises(HttpTransportError, match="not an http"):
             await http.post_json("ftp://127.0.0.1/x", b"{}")
         await http.aclose()
+
+
+ODD_ANSWERS = {
+    # name: (raw answer, whether the connection can carry the next request)
+    "chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\n{\"err\r\n16\r\ncode\":0,\"errmsg\":\"ok\"}\r\n0\r\n\r\n",
+        True,
+    ),
+    "no length, ends at EOF": (b"HTTP/1.1 200 OK\r\n\r\n" + OK, False),
+    "100 Continue first": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 27\r\n\r\n" + OK,
+        True,
+    ),
+    "Connection: close": (
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 27\r\n\r\n" + OK,
+        False,
+    ),
+    "HTTP/1.0": (b"HTTP/1.0 200 OK\r\nContent-Length: 27\r\n\r\n" + OK, False),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", list(ODD_ANSWERS))
+async def test_answers_split_in_one_byte_segments(kind: str) -> None:
+    # Every answer byte in its own TCP segment (trio sets TCP_NODELAY); the UTF-8 request body
+    # arrives whole with its length in bytes; the connection is kept only when HTTP allows it.
+    raw, keeps = ODD_ANSWERS[kind]
+    bodies: list[bytes] = []
+    connections: list[int] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        try:
+            while True:
+                request, body = await read_request(stream)
+                assert dict(request.headers)[b"content-length"] == str(len(body)).encode()
+                bodies.append(body)
+                for i in range(len(raw)):
+                    await stream.send_all(raw[i : i + 1])
+                    await trio.lowlevel.checkpoint()
+                if not keeps:
+                    return
+        except (trio.BrokenResourceError, h11.RemoteProtocolError):
+            pass
+        finally:
+            stream.socket.close()
+
+    body = '{"text":"你好, DingTalk ✓"}'.encode()
+    with trio.fail_after(LIMIT):
+        async with raw_server(handle) as port:
+            http = KeepAliveHttp(client_context(), timeout=5)
+            url = f"http://127.0.0.1:{port}/robot/sendBySession?session=abc"
+            for _ in range(2):
+                assert await http.post_json(url, body) == HttpAnswer(200, OK)
+            assert bodies == [body, body]
+            assert len(connections) == (1 if keeps else 2)
+            await http.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_ipv6_literal_host() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    seen: list[h11.Request] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        request, _ = await read_request(stream)
+        seen.append(request)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 27\r\n\r\n" + OK)
+        stream.socket.close()
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            try:
+                listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="::1"))
+            except OSError:
+                pytest.skip("no IPv6 loopback")
+            port = listeners[0].socket.getsockname()[1]
+            http = KeepAliveHttp(client_context(), timeout=5)
+            answer = await http.post_json(f"http://[::1]:{port}/x?session=abc", b"{}")
+            assert answer == HttpAnswer(200, OK)
+            assert seen[0].target == b"/x?session=abc"
+            assert dict(seen[0].headers)[b"host"] == f"[::1]:{port}".encode()
+            await http.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_cancelled_or_closed_mid_answer_the_connection_is_closed_not_pooled() -> None:
+    # Half an answer, then the server waits: the caller gives up (cancellation, not our timeout).
+    # Then a request in flight while the client is closed: answered, but its connection not kept.
+    eofs: list[int] = []
+    release = trio.Event()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await read_request(stream)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 27\r\n\r\n"
+            await stream.send_all(head + OK[:10])
+            await release.wait()
+            await stream.send_all(OK[10:])
+            while await stream.receive_some(65536):
+                pass
+            eofs.append(1)  # the client closed its socket
+        finally:
+            stream.socket.close()
+
+    with trio.fail_after(LIMIT):
+        async with raw_server(handle) as port:
+            http = KeepAliveHttp(client_context(), timeout=5)
+            url = f"http://127.0.0.1:{port}/x"
+            with trio.move_on_after(0.2) as scope:
+                await http.post_json(url, b"{}")
+            assert scope.cancelled_caught
+            assert http.statistics() == {"idle_connections": 0}
+            release.set()
+            while not eofs:
+                await trio.sleep(0.01)
+            release = trio.Event()
+            answers: list[HttpAnswer] = []
+            async with trio.open_nursery() as nursery:
+
+                async def in_flight() -> None:
+                    answers.append(await http.post_json(url, b"{}"))
+
+                nursery.start_soon(in_flight)
+                await trio.sleep(0.1)
+                await http.aclose()
+                release.set()
+            assert answers == [HttpAnswer(200, OK)]
+            assert http.statistics() == {"idle_connections": 0}
+            while len(eofs) < 2:
+                await trio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_a_url_http_cannot_carry_is_a_transport_error_without_the_url() -> None:
+    # The caller (replies.py) falls back to the OpenAPI on HttpTransportError only: any other
+    # exception would lose the reply. Nothing is sent, and the session credential is never named.
+    with trio.fail_after(LIMIT):
+        async with serving(Server(always_ok)) as server:
+            http = KeepAliveHttp(client_context(), timeout=5)
+            base = f"http://127.0.0.1:{server.port}"
+            for url in (
+                f"{base}/robot send?session=SECRET",
+                f"{base}/r\u00f6bot?session=SECRET",
+                f"{base}/robot?session=SECRET\r\nX-Injected: 1",
+                "http://127.0.0.1:99999/robot?session=SECRET",
+                "http://127.0.0.1:port/robot?session=SECRET",
+                "http://[::1/robot?session=SECRET",
+            ):
+                assert not http.uses_proxy(url)
+                with pytest.raises(HttpTransportError) as caught:
+                    await http.post_json(url, b"{}")
+                assert "SECRET" not in str(caught.value) and not caught.value.timeout
+            assert server.connections == 0 and server.requests == []
+            await http.aclose()
 
 
 @pytest.mark.anyio

@@ -20,7 +20,7 @@ from host_dingtalk_connector.emulator import BOT_TOPIC, open_emulator
 from streamkit import Recorder, acks, dingtalk_config, inbound_problems, open_host
 from trio_websocket import ConnectionClosed, wrap_client_stream, wrap_server_stream
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 pytestmark = pytest.mark.anyio
 
@@ -196,4 +196,63 @@ async def test_ack_writer_sends_in_order_and_waits_when_the_peer_stops_reading(a
             writer.close()
             assert await writer.put("after close") is False
             await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_gateway_closing_while_a_batch_is_held_loses_nothing_already_written(host_logs: Any) -> None:
+    # A raw wsproto gateway on a real socket closes the connection while the ACK writer is holding a
+    # batch. What trio-websocket wrote in the batch before the close (ACKs, and its answer to the
+    # gateway's close frame) still reaches the gateway, as it would without holding; the ACKs it
+    # could no longer write are counted and logged (DingTalk redelivers those frames).
+    total = 5000
+    with trio.fail_after(LIMIT):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            client_raw = await trio.open_tcp_stream("127.0.0.1", port)
+            server_raw = await listener.accept()
+            gateway = WSConnection(ConnectionType.SERVER)
+            holdable = HoldableStream(client_raw)
+            handshake_done = trio.Event()
+
+            async def accept_handshake() -> None:
+                while True:
+                    gateway.receive_data(await server_raw.receive_some())
+                    for event in gateway.events():
+                        if isinstance(event, Request):
+                            await server_raw.send_all(gateway.send(AcceptConnection()))
+                            handshake_done.set()
+                            return
+
+            nursery.start_soon(accept_handshake)
+            client = await wrap_client_stream(nursery, holdable, "test", "/connect")  # type: ignore[arg-type]
+            await handshake_done.wait()
+            writer = AckWriter(client, holdable, max_queued=total)
+            for i in range(total):
+                assert await writer.put(f"ack {i}")
+            nursery.start_soon(writer.flush)
+            while not holdable._held:  # until the batch is held and has its first ACK
+                await trio.lowlevel.checkpoint()
+            await server_raw.send_all(gateway.send(CloseConnection(code=1000, reason="bye")))
+            while not writer.closed:
+                await trio.sleep(0.01)
+            await trio.aclose_forcefully(holdable)  # as stream.py does once the gateway closed
+            received: list[str] = []
+            closed_by_client = False
+            while data := await server_raw.receive_some():
+                gateway.receive_data(data)
+                for event in gateway.events():
+                    if isinstance(event, TextMessage):
+                        received.append(event.data)
+                    elif isinstance(event, CloseConnection):
+                        closed_by_client = True
+            assert 0 < len(received) < total
+            assert received == [f"ack {i}" for i in range(len(received))]
+            assert closed_by_client  # trio-websocket's answer to the close frame was not swallowed
+            assert writer.stats.sent == len(received) and writer.stats.lost == total - len(received)
+            (warning,) = [r for r in host_logs.records if r["level"] == "WARNING"]
+            assert f"{total - len(received)} ACK" in warning["message"]
+            assert await writer.put("after close") is False
+            await server_raw.aclose()
+            await listener.aclose()
             nursery.cancel_scope.cancel()

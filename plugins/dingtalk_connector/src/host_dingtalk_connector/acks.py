@@ -20,15 +20,20 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from host.logs import logger
+
 __all__ = ["AckStats", "AckWriter", "HoldableStream"]
 
 
 @dataclass
 class AckStats:
-    """ACKs written and the socket writes they took (one per app, over all its connections)."""
+    """ACKs written and the socket writes they took (one per app, over all its connections);
+    ``lost``: ACKs queued but never written because their connection closed first (DingTalk
+    redelivers those frames)."""
 
     sent: int = 0
     writes: int = 0
+    lost: int = 0
 
 
 class HoldableStream(trio.abc.HalfCloseableStream):
@@ -46,11 +51,20 @@ class HoldableStream(trio.abc.HalfCloseableStream):
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
-        """Everything written inside the block (by any task) is sent in one ``send_all`` at its end
-        (nothing is sent if the block fails)."""
+        """Everything written inside the block (by any task) is sent in one ``send_all`` at its end.
+
+        If the block fails, what was written in it is still sent (unless cancelled): those writes
+        count as done for their writers (trio-websocket's answer to the gateway's close frame, a
+        pong, the messages before the failure), as they would have been without holding."""
         self._held = []
         try:
             yield
+        except Exception:
+            held, self._held = self._held, None
+            if held:
+                async with self._write_lock:
+                    await self.inner.send_all(b"".join(held))  # a failure here replaces the first
+            raise
         except BaseException:
             self._held = None
             raise
@@ -135,20 +149,37 @@ class AckWriter:
             self._room = trio.Event()
             if not queue or self.closed:
                 return
+            written = 0
             try:
                 async with self._stream.held():
                     for text in queue:
                         await self._ws.send_message(text)
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                # The reader sees the connection end too; un-ACKed frames are redelivered by DingTalk.
+                        written += 1
+            except ConnectionClosed:
+                # Closed during the batch: the ACKs before that still went out (see held()).
+                self._count_lost(len(queue) - written, sent=written)
+                self.close()
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._count_lost(len(queue), sent=0)  # the socket took none of them
                 self.close()
                 return
             self.stats.writes += 1
             self.stats.sent += len(queue)
 
+    def _count_lost(self, lost: int, *, sent: int) -> None:
+        if sent:
+            self.stats.writes += 1
+            self.stats.sent += sent
+        if lost:
+            self.stats.lost += lost
+            # The reader sees the connection end too; un-ACKed frames are redelivered by DingTalk.
+            logger.warning("{} ACK(s) not written: the Stream connection closed first (DingTalk redelivers those frames)", lost)
+
     def close(self) -> None:
         """No more ACKs (``put`` answers ``False``; a waiting ``put`` is released)."""
         self.closed = True
+        self._count_lost(len(self._queue), sent=0)
         self._queue.clear()
         self._room.set()
         self._ready.set()

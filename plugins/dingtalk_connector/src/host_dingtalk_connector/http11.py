@@ -9,8 +9,11 @@ sans-I/O protocol library httpcore also uses), and this module only
 
 * keeps connections per origin (scheme, host, port): the most recently used idle one is reused, one
   that the server closed (readable while idle) or idle longer than ``keepalive_expiry`` is dropped;
-  a request that fails on a reused connection before any answer byte came back is sent once more on
-  a new connection (the server closed it as we reused it);
+  a request that could not be *sent* whole on a reused connection (the server closed it as we reused
+  it) is sent once more on a new connection. One that was sent whole is never sent again, even if
+  the connection then closed without an answer: the server may have processed it, and a
+  session-webhook POST has no idempotency key (a resend could post the reply twice). That failure
+  is an ``HttpTransportError`` like any other; whether to try again is the caller's decision;
 * bounds each request by one deadline (connect, TLS handshake, send, answer), and the connections
   open at once by ``max_connections``;
 * verifies TLS with the caller's context through ``host.tls.open_tls_stream`` (the host's TLS policy;
@@ -24,6 +27,7 @@ match, as httpx reads them); the caller then keeps using httpx for that URL.
 
 from __future__ import annotations
 
+import re
 import ssl
 import urllib.request
 from collections.abc import Callable
@@ -41,6 +45,8 @@ __all__ = ["HttpAnswer", "KeepAliveHttp"]
 
 _USER_AGENT = "host-dingtalk-connector"
 _RECEIVE_SIZE = 65536
+#: What HTTP/1.1 allows in a request target and the Host header (h11 checks the same).
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+").fullmatch
 #: Errors that mean "this connection is unusable" (the server closed it, reset it, sent garbage).
 _CONNECTION_ERRORS = (
     OSError,
@@ -85,7 +91,8 @@ class _Connection:
 
 
 class _FailedBeforeAnswer(Exception):
-    """The request failed before any byte of the answer arrived (it may be sent again once)."""
+    """The request could not be sent whole: the server cannot have processed it (it may be sent
+    again once)."""
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(repr(cause))
@@ -134,18 +141,30 @@ class KeepAliveHttp:
         last = self._last
         if last is not None and last[0] == url:
             return last[1]  # uses_proxy(url) then post_json(url): parse it once
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # its message may quote the URL (a credential)
+            raise HttpTransportError("not a usable URL (malformed host)") from None
         key = f"{parts.scheme}://{parts.netloc}"
         known = self._origins.get(key)
         if known is None:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise HttpTransportError(f"not an http(s) URL: scheme {parts.scheme!r}")
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                raise HttpTransportError("not a usable URL (bad port)") from None
+            if not _VISIBLE_ASCII(parts.netloc):
+                raise HttpTransportError("not a usable URL (host not in ASCII)")
             origin = _Origin(parts.scheme, parts.hostname, port, parts.netloc.rpartition("@")[2])
             known = self._origins[key] = (origin, self._proxied(parts.scheme, parts.hostname))
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        if not _VISIBLE_ASCII(target):  # h11 would refuse it with an error of its own
+            raise HttpTransportError(
+                "not a usable URL (spaces, control or non-ASCII characters in its path or query)"
+            )
         self._last = (url, (known, target))
         return known, target
 
@@ -175,7 +194,7 @@ class KeepAliveHttp:
                     try:
                         return await self._exchange(connection, origin, target, body)
                     except _FailedBeforeAnswer:
-                        pass  # closed by the server while idle: once more on a new connection
+                        pass  # closed by the server as we reused it: once more on a new connection
                 try:
                     connection = await self._connect(origin)
                 except (OSError, trio.BrokenResourceError) as exc:
@@ -186,7 +205,7 @@ class KeepAliveHttp:
                     return await self._exchange(connection, origin, target, body)
                 except _FailedBeforeAnswer as failed:
                     raise HttpTransportError(
-                        f"{origin.authority} closed the connection without answering ({_describe(failed.cause)})"
+                        f"{origin.authority} closed the connection before taking the request ({_describe(failed.cause)})"
                     ) from None
         raise HttpTransportError(
             f"{origin.authority} did not answer within {timeout}s", timeout=True
@@ -197,7 +216,7 @@ class KeepAliveHttp:
     ) -> HttpAnswer:
         """One request/answer on ``connection``; it goes back to the pool only if still usable."""
         reusable = False
-        answered = False
+        sent = answered = False
         try:
             protocol = connection.h11
             request = h11.Request(
@@ -217,6 +236,7 @@ class KeepAliveHttp:
             )
             try:
                 await connection.stream.send_all(data)
+                sent = True  # from here on the server may process it: never sent again
                 status, chunks, size = 0, [], 0
                 while True:
                     event = protocol.next_event()
@@ -239,8 +259,12 @@ class KeepAliveHttp:
                     elif isinstance(event, h11.ConnectionClosed):
                         raise h11.RemoteProtocolError("connection closed before the answer ended")
             except _CONNECTION_ERRORS as exc:
-                if not answered:
+                if not sent:
                     raise _FailedBeforeAnswer(exc) from None
+                if not answered:
+                    raise HttpTransportError(
+                        f"{origin.authority} closed the connection without answering ({_describe(exc)})"
+                    ) from None
                 raise HttpTransportError(
                     f"{origin.authority} broke the connection: {_describe(exc)}"
                 ) from None

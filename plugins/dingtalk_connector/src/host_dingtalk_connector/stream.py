@@ -290,7 +290,10 @@ class _Connection:
                 await self._tasks_done.wait()
             if self._tasks:
                 logger.warning("{}: {} event handler(s) cancelled on close; DingTalk will redeliver", self.label, self._tasks)
-            await acks.flush()  # the ACKs of the last frames (and of the handlers that finished)
+            # The ACKs of the last frames (and of the handlers that finished); bounded, in case the
+            # gateway stopped reading (what is not written is counted lost and redelivered).
+            with trio.move_on_after(_CLOSE_TIMEOUT):
+                await acks.flush()
             acks.close()
             work.cancel_scope.cancel()
         return reason
@@ -406,7 +409,7 @@ class AppStream:
             "backoff_failures": self.backoff.failures,
             "recent_delays": [round(d, 3) for _c, d in self.delays],
             "events_in_flight": self.router.events_in_flight,
-            "acks": {"sent": self.ack_stats.sent, "writes": self.ack_stats.writes},
+            "acks": {"sent": self.ack_stats.sent, "writes": self.ack_stats.writes, "lost": self.ack_stats.lost},
             "dedup": self.router.dedup.statistics(),
         }
 
