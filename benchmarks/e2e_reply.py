@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import trio
+from botprocess import cpu_seconds, pct, running_bot
 
 TEMPLATE = "382e4302-551d-4880-bf29-a30acfab2e71.schema"
 CARD_WORDS = 60
@@ -141,19 +140,6 @@ def run_official_bot(client_id: str, mode: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    from pathlib import Path
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 class ReplyProbe:
     """Notes when the emulator records each bot reply, keyed by the reply's text."""
 
@@ -255,30 +241,10 @@ async def card_load(emu: Any, label: str) -> dict[str, Any]:
 
 
 async def with_bot(emu: Any, command: list[str], env: dict[str, str], measure: Any) -> Any:
-    before = len(emu.connections(with_frames=False))
-    async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            partial(
-                trio.run_process,
-                command,
-                env=env,
-                check=False,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        try:
-            with trio.fail_after(30):
-                await emu.wait_for_connection(before + 1)
-            cpu_bot, cpu_emu = cpu_seconds(process.pid), time.process_time()
-            result = await measure()
-            return result, cpu_seconds(process.pid) - cpu_bot, time.process_time() - cpu_emu
-        finally:
-            process.terminate()
-            with trio.move_on_after(5):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
+    async with running_bot(emu, command, env) as process:
+        cpu_bot, cpu_emu = cpu_seconds(process.pid), time.process_time()
+        result = await measure()
+        return result, cpu_seconds(process.pid) - cpu_bot, time.process_time() - cpu_emu
 
 
 async def orchestrate(args: argparse.Namespace) -> None:

@@ -32,15 +32,14 @@ import argparse
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
+from botprocess import cpu_seconds, pct, running_bot
 
 PASSIVE_PLUGIN = "benchmark_passive"
 
@@ -123,21 +122,10 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def own_cpu_seconds() -> float:
     """User + system CPU time of this (the emulator's) process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Driver:
@@ -227,37 +215,24 @@ async def burst(emu: Any, pid: int, total: int) -> tuple[int, int, float]:
 
 
 async def measure(emu: Any, label: str, command: list[str], env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
-    before = len(emu.connections(with_frames=False))
-    async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            partial(trio.run_process, command, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        )
-        try:
-            with trio.fail_after(30):
-                await emu.wait_for_connection(before + 1)
-            # Warm-up (imports, caches, JIT-free but allocator warm).
-            await throughput(emu, 300, 50)
-            result: dict[str, Any] = {"client": label}
-            cpu, own = cpu_seconds(process.pid), own_cpu_seconds()
-            result["throughput"] = await throughput(emu, args.messages, args.window)
-            result["cpu_us"] = (cpu_seconds(process.pid) - cpu) / args.messages * 1e6
-            result["emu_cpu_us"] = (own_cpu_seconds() - own) / args.messages * 1e6
-            result["load"] = os.getloadavg()[0]
-            lat = await latency(emu, args.latency_messages, 200.0)
-            result["p50_ms"] = pct(lat, 0.5) * 1000
-            result["p99_ms"] = pct(lat, 0.99) * 1000
-            result["mean_ms"] = statistics.fmean(lat) * 1000
-            base, peak, seconds = await burst(emu, process.pid, args.burst)
-            result["rss_base_mib"] = base / 1024
-            result["rss_growth_mib"] = (peak - base) / 1024
-            result["burst_rate"] = args.burst / seconds
-            return result
-        finally:
-            process.terminate()
-            with trio.move_on_after(5):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
+    async with running_bot(emu, command, env) as process:
+        # Warm-up (imports, caches, JIT-free but allocator warm).
+        await throughput(emu, 300, 50)
+        result: dict[str, Any] = {"client": label}
+        cpu, own = cpu_seconds(process.pid), own_cpu_seconds()
+        result["throughput"] = await throughput(emu, args.messages, args.window)
+        result["cpu_us"] = (cpu_seconds(process.pid) - cpu) / args.messages * 1e6
+        result["emu_cpu_us"] = (own_cpu_seconds() - own) / args.messages * 1e6
+        result["load"] = os.getloadavg()[0]
+        lat = await latency(emu, args.latency_messages, 200.0)
+        result["p50_ms"] = pct(lat, 0.5) * 1000
+        result["p99_ms"] = pct(lat, 0.99) * 1000
+        result["mean_ms"] = statistics.fmean(lat) * 1000
+        base, peak, seconds = await burst(emu, process.pid, args.burst)
+        result["rss_base_mib"] = base / 1024
+        result["rss_growth_mib"] = (peak - base) / 1024
+        result["burst_rate"] = args.burst / seconds
+        return result
 
 
 async def orchestrate(args: argparse.Namespace) -> None:

@@ -38,7 +38,7 @@ import math
 import time
 import types
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Container, Coroutine, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Coroutine, Generator
 from dataclasses import dataclass
 from operator import itemgetter
 from types import CoroutineType
@@ -297,7 +297,7 @@ class Dispatcher:
                             elif (
                                 hold_streams
                                 and type(value) not in _PLAIN_RESULTS
-                                and hasattr(type(value), "__anext__")
+                                and isinstance(value, AsyncIterator)  # what the host streams
                             ):
                                 # A stream: the plugin's code runs while the host reads it, so a
                                 # reload must wait for it from now on (no gap before the reading).

@@ -27,7 +27,7 @@ from host.access import AccessControl
 from host.admin import AdminApi
 from host.config import Config, redact
 from host.connector import Connector, ReplyStream
-from host.dispatch import Dispatcher
+from host.dispatch import Dispatcher, Outcome
 from host.http import HttpServer
 from host.logs import current_plugin, current_request_id, logger
 from host.metrics import HookStatsCollector, Metrics
@@ -480,8 +480,7 @@ class Host:
                 if not outcome.ok:
                     failed = True
                 elif outcome.value is not None:
-                    held, outcome.held = outcome.held, False  # _stream releases it from here on
-                    delivered = await self._deliver_result(message, outcome.plugin, outcome.value, held)
+                    delivered = await self._deliver_result(message, outcome)
                     answered = answered or delivered
         finally:
             for outcome in outcomes:
@@ -503,15 +502,15 @@ class Host:
         message.context["_outcome"] = "apology"
         await self._deliver(message, Reply.text_(self.config.host.apology))
 
-    async def _deliver_result(self, message: Message, plugin: str, value: Any, held: bool = False) -> bool:
+    async def _deliver_result(self, message: Message, outcome: Outcome) -> bool:
+        plugin, value = outcome.plugin, outcome.value
         if isinstance(value, str):
             return await self._deliver(message, Reply.text_(value))
         if isinstance(value, Reply):
             return await self._deliver(message, value)
         if isinstance(value, AsyncIterator):
-            if not held:
-                # The plugin's code runs while we read its stream: hot reload must wait for it.
-                self.dispatcher.hold(plugin)
+            # The dispatcher holds the plugin (drain) for every stream; _stream releases it.
+            outcome.held = False
             return await self._stream(message, plugin, value)
         logger.error(
             "plugin {} returned {} from on_message; expected Reply, str, async iterator or None",

@@ -18,7 +18,8 @@ Lifecycle (driven by the host)::
 On a hot reload of the plugin the old connector is replaced by a new one (make before break): its
 ``on_shutdown`` only calls ``retire_when_stopped()``, because the old connector still answers the
 messages it accepted until the host has started its successor and stopped it. Its HTTP client is
-closed after ``stop()``, once no delivery, send or streamed reply of its own is in progress.
+closed after ``stop()``, once no delivery, send, media call or streamed reply of its own is in
+progress.
 
 Everything the connector sends (replies through the session webhook or the OpenAPI, AI cards,
 proactive messages, media, access tokens) is ``self.outbound`` (``outbound.Outbound``); it keeps
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -104,7 +106,7 @@ class DingTalkConnector:
         self._stop = trio.Event()
         self._done = trio.Event()
         self._serving = False
-        self._busy = 0  # deliver / open_stream / send calls in progress (they use the HTTP client)
+        self._busy = 0  # calls in progress that use the HTTP clients (see _using_http)
         self._retire_on_stop = False
         self._retiring = False
 
@@ -179,6 +181,16 @@ class DingTalkConnector:
         """
         self._retire_on_stop = True
 
+    @asynccontextmanager
+    async def _using_http(self) -> AsyncIterator[None]:
+        """Count a call that uses the HTTP clients; a retired connector closes them after the last."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            await self._close_when_idle()
+
     async def _close_when_idle(self) -> None:
         if self._retiring and self._busy == 0:
             self._retiring = False
@@ -191,30 +203,18 @@ class DingTalkConnector:
 
     async def deliver(self, message: Message, reply: Reply) -> None:
         """Answer ``message``: its session webhook, else the robot OpenAPI (``ReplyError`` if neither)."""
-        self._busy += 1
-        try:
+        async with self._using_http():
             await self.outbound.deliver(message, reply)
-        finally:
-            self._busy -= 1
-            await self._close_when_idle()
 
     async def open_stream(self, message: Message) -> ReplyStream:
         """An AI card when a card template is configured, else one markdown message at the end."""
-        self._busy += 1  # once open, the stream itself is counted by the outbound's cards
-        try:
+        async with self._using_http():  # once open, the stream is counted by the outbound's cards
             return await self.outbound.open_stream(message)
-        finally:
-            self._busy -= 1
-            await self._close_when_idle()
 
     async def send(self, target: Conversation, reply: Reply, *, app_id: str | None = None) -> None:
         """A proactive message through the robot OpenAPI (``app_id``: configured name or client id)."""
-        self._busy += 1
-        try:
+        async with self._using_http():
             await self.outbound.send(target, reply, app_id=app_id)
-        finally:
-            self._busy -= 1
-            await self._close_when_idle()
 
     # -- extras --------------------------------------------------------------------------------------
 
@@ -227,17 +227,20 @@ class DingTalkConnector:
         app_id: str | None = None,
     ) -> None:
         """Upload a local file and send it into ``to``'s chat as an image (``kind="image"``) or file."""
-        await self.outbound.send_media(to, path, kind=kind, app_id=app_id)
+        async with self._using_http():
+            await self.outbound.send_media(to, path, kind=kind, app_id=app_id)
 
     async def upload_media(
         self, path: str | os.PathLike[str], *, kind: str = "image", app_id: str | None = None
     ) -> str:
         """Upload a local file (image, voice, video, file); returns the DingTalk media id."""
-        return await self.outbound.upload_media(path, kind=kind, app_id=app_id)
+        async with self._using_http():
+            return await self.outbound.upload_media(path, kind=kind, app_id=app_id)
 
     async def download_media(self, message: Message, directory: str | os.PathLike[str]) -> int:
         """Download the files of ``message`` into ``directory`` now (fills ``Media.path``)."""
-        return await self.outbound.download_media(message, directory)
+        async with self._using_http():
+            return await self.outbound.download_media(message, directory)
 
     async def aclose(self) -> None:
         """Host shutdown: end AI cards still open, close the HTTP client. Safe to call twice."""
