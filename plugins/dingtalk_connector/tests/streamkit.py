@@ -110,22 +110,29 @@ async def open_host(
     dingtalk: dict[str, Any],
     *plugins: tuple[str, Any],
     host_settings: dict[str, Any] | None = None,
-) -> AsyncIterator[RunningHost]:
-    """Run a real Host with the dingtalk plugin (configured by ``dingtalk``) and ``plugins``."""
+    http: dict[str, Any] | None = None,
+    running: type[RunningHost] = RunningHost,
+) -> AsyncIterator[Any]:
+    """Run a real Host with the dingtalk plugin (configured by ``dingtalk``) and ``plugins``.
+
+    ``http``: the ``[http]`` table (the HTTP server is off by default); ``running``: the wrapper
+    yielded around the Host (``RunningHost`` or a subclass).
+    """
     host_section = {
         "shutdown_timeout": 10.0,
         "control_socket": "",
         "reload": {"watch_entry_points": False},
         **(host_settings or {}),
     }
-    data = {"logging": {"dir": ""}, "http": {"enabled": False}, "dingtalk": dingtalk, "host": host_section}
+    data = {"logging": {"dir": ""}, "http": http or {"enabled": False}, "dingtalk": dingtalk,
+            "host": host_section}  # fmt: skip
     config = load_config(data=data, environ={})
     host = build_host(config, plugins=[("dingtalk_connector", dingtalk_plugin), *plugins], entry_points=False)
     assert "dingtalk" in host.connectors, "the dingtalk connector was not registered"
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         try:
-            yield RunningHost(host)
+            yield running(host)
         finally:
             host.request_shutdown()
 

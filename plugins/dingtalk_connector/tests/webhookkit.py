@@ -8,15 +8,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import trio
-from host_dingtalk_connector import plugin as dingtalk_plugin
 from host_dingtalk_connector.emulator import Emulator
 from host_dingtalk_connector.webhook_connector import WebhookConnector
-from streamkit import QUIET_STREAM, RunningHost, app_table
+from streamkit import QUIET_STREAM, RunningHost, app_table, open_host
 
 from host import AuditEntry, hookimpl
-from host.config import load_config
-from host.runtime import build_host
 
 #: Webhook settings for tests: short waits on the real clock.
 FAST_WEBHOOK: dict[str, Any] = {"inline_reply_timeout": 1.0, "busy_wait": 0.2, "audit_interval": 1.0}
@@ -65,24 +61,6 @@ async def open_webhook_host(
     host_settings: dict[str, Any] | None = None,
 ) -> AsyncIterator[WebhookHost]:
     """Run a real Host with its HTTP server, the dingtalk plugin (``dingtalk``) and ``plugins``."""
-    host_section = {
-        "shutdown_timeout": 10.0,
-        "control_socket": "",
-        "reload": {"watch_entry_points": False},
-        **(host_settings or {}),
-    }
-    data = {
-        "logging": {"dir": ""},
-        "http": {"enabled": True, "addr": "127.0.0.1:0"},
-        "dingtalk": dingtalk,
-        "host": host_section,
-    }
-    config = load_config(data=data, environ={})
-    host = build_host(config, plugins=[("dingtalk_connector", dingtalk_plugin), *plugins], entry_points=False)
-    assert "dingtalk" in host.connectors, "the dingtalk connector was not registered"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        try:
-            yield WebhookHost(host)
-        finally:
-            host.request_shutdown()
+    async with open_host(dingtalk, *plugins, host_settings=host_settings,
+                         http={"enabled": True, "addr": "127.0.0.1:0"}, running=WebhookHost) as running:  # fmt: skip
+        yield running
