@@ -22,9 +22,12 @@ isolated:
 
 Cost: the per-call work is precomputed per implementation (``_Impl``) and done once per call where
 possible (one clock read per implementation, one context-variable reset per call). A hook with an
-``async def`` implementation pays for one trio cancel scope per call (several microseconds: about half
-of the dispatch overhead of a trivial hook); its deadline is armed only when an implementation
-actually blocks. ``benchmarks/host_dispatch.py`` measures it against pluggy's own hook call.
+``async def`` implementation that contains an ``await`` pays for one trio cancel scope per call (7-11
+microseconds on the 2-core machine, more than the rest of a trivial call): its first step may open
+scopes of its own, which must nest inside ours, and nothing tells in advance whether it will block.
+The scope's deadline is armed only when an implementation actually blocks. An ``async def`` with no
+``await`` at all cannot block (nor time out), so it runs like a synchronous implementation, without
+a scope. ``benchmarks/host_dispatch.py`` measures both kinds against pluggy's own hook call.
 
 Timeouts resolve as ``[host.plugin_timeouts.<plugin>] <hook>``, then ``[host.timeouts] <hook>``, then
 ``DEFAULT_TIMEOUTS``.
@@ -33,6 +36,7 @@ Timeouts resolve as ``[host.plugin_timeouts.<plugin>] <hook>``, then ``[host.tim
 from __future__ import annotations
 
 import contextlib
+import dis
 import inspect
 import math
 import time
@@ -64,6 +68,14 @@ _FIRST_BUCKET = LATENCY_BUCKETS[0]
 _NO_SCOPE = contextlib.nullcontext()
 # What ``Dispatcher._wait`` returns when an awaitable hit its own (not call-wide) deadline.
 _TIMED_OUT: Any = object()
+# The opcodes through which a coroutine can suspend (``await``, ``async for``, ``async with``; every
+# suspension goes through one of them on CPython 3.11+). A coroutine whose own code has none of them
+# runs to its end in one step.
+_SUSPENDING_OPCODES = frozenset(
+    dis.opmap[name]
+    for name in ("YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH")
+    if name in dis.opmap
+)
 
 #: Seconds, per hook. Registration hooks are synchronous and untimed.
 DEFAULT_TIMEOUTS: dict[str, float] = {
@@ -98,7 +110,9 @@ class Outcome(msgspec.Struct):
 class _Impl:
     """One plugin's implementation of one hook, with everything a call needs precomputed."""
 
-    __slots__ = ("argnames", "args_of", "function", "is_async", "none", "plugin", "single_arg", "stats", "timeout")
+    __slots__ = (
+        "argnames", "args_of", "function", "instant", "is_async", "none", "plugin", "single_arg", "stats", "timeout"
+    )
 
     def __init__(
         self,
@@ -118,6 +132,9 @@ class _Impl:
             itemgetter(*argnames) if len(argnames) > 1 else _no_args
         )
         self.is_async = inspect.iscoroutinefunction(function)
+        #: ``async def`` without a single ``await``: it cannot block, so it cannot time out either.
+        #: The dispatcher runs it to its end like a synchronous implementation, with no cancel scope.
+        self.instant = self.is_async and _cannot_suspend(function)
         self.timeout = timeout
         self.stats = stats
         # The outcome "ran fine, returned None", by far the most common one, built once: callers
@@ -129,12 +146,26 @@ def _no_args(kwargs: dict[str, Any]) -> tuple[()]:
     return ()
 
 
+def _cannot_suspend(function: Callable[..., Any]) -> bool:
+    """Whether calling the coroutine function ``function`` runs it to its end in one step.
+
+    Reads the code the call runs (a bound method's function's; a decorator's wrapper's, not what it
+    wraps): only an ``await``, ``async for`` or ``async with`` in it can suspend the coroutine. Code
+    this cannot read counts as able to suspend.
+    """
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    if code is None or "YIELD_VALUE" not in dis.opmap:  # an interpreter this does not know
+        return False
+    return not any(instruction.opcode in _SUSPENDING_OPCODES for instruction in dis.get_instructions(code))
+
+
 @dataclass(slots=True)
 class _Hook:
-    """The implementations of one hook in call order, and whether any of them is ``async def``."""
+    """The implementations of one hook in call order, and whether any of them can block (is
+    ``async def`` with an ``await``): only then does a call need a cancel scope."""
 
     impls: list[_Impl]
-    has_async: bool
+    needs_scope: bool
 
 
 class Dispatcher:
@@ -183,7 +214,7 @@ class Dispatcher:
                         stats=stats,
                     )
                 )
-            entry = self._cache[hook] = _Hook(impls, any(impl.is_async for impl in impls))
+            entry = self._cache[hook] = _Hook(impls, any(_needs_scope(impl) for impl in impls))
         return entry
 
     def implementers(self, hook: str) -> list[str]:
@@ -224,23 +255,23 @@ class Dispatcher:
     async def call(self, hook: str, **kwargs: Any) -> list[Outcome]:
         """Call every implementation of ``hook`` in order, each isolated. Never raises for them."""
         entry = self._hook(hook)
-        return await self._call_all(entry.impls, entry.has_async, hook, kwargs, False)
+        return await self._call_all(entry.impls, entry.needs_scope, hook, kwargs, False)
 
     async def call_plugin(self, plugin: str, hook: str, **kwargs: Any) -> Outcome | None:
         """Call one plugin's implementation of ``hook`` (``None`` if it has none)."""
         impls = [i for i in self._hook(hook).impls if i.plugin == plugin]
-        has_async = any(impl.is_async for impl in impls)
-        outcomes = await self._call_all(impls, has_async, hook, kwargs, True)
+        needs_scope = any(_needs_scope(impl) for impl in impls)
+        outcomes = await self._call_all(impls, needs_scope, hook, kwargs, True)
         return outcomes[0] if outcomes else None
 
     async def _call_all(
-        self, impls: list[_Impl], has_async: bool, hook: str, kwargs: dict[str, Any], include_paused: bool
+        self, impls: list[_Impl], needs_scope: bool, hook: str, kwargs: dict[str, Any], include_paused: bool
     ) -> list[Outcome]:
         # Timeouts: one cancel scope for the whole call (entered only when an implementation is
-        # ``async def``: its first step may open scopes of its own, which must nest inside ours),
-        # its deadline armed only while an implementation is actually blocked. Trio charges
-        # microseconds to enter a scope or move a deadline, more than a trivial hook costs. After a
-        # timeout the scope is spent, so the remaining implementations get a fresh one.
+        # ``async def`` with an ``await``: its first step may open scopes of its own, which must
+        # nest inside ours), its deadline armed only while an implementation is actually blocked.
+        # Trio charges microseconds to enter a scope or move a deadline, more than a trivial hook
+        # costs. After a timeout the scope is spent, so the remaining implementations get a fresh one.
         outcomes: list[Outcome] = []
         count = len(impls)
         if not count:
@@ -254,7 +285,7 @@ class Dispatcher:
         token = set_plugin(impls[0].plugin)
         try:
             while index < count:
-                scope = trio.CancelScope() if has_async else None
+                scope = _CancelScope() if needs_scope else None
                 with scope if scope is not None else _NO_SCOPE:
                     # One clock read per implementation: each one's latency runs from the end of
                     # the previous one.
@@ -279,6 +310,15 @@ class Dispatcher:
                                 value = impl.function(*impl.args_of(kwargs))
                             if value is None or type(value) in _PLAIN_RESULTS:
                                 pass
+                            elif impl.instant and type(value) is CoroutineType:
+                                # No ``await`` in it: its one step is the whole call.
+                                try:
+                                    value.send(None)
+                                except StopIteration as done:
+                                    value = done.value
+                                else:  # pragma: no cover (it has nothing to suspend with)
+                                    value.close()
+                                    raise RuntimeError(f"{plugin}'s {hook} suspended without an await")
                             elif type(value) is CoroutineType and scope is not None:
                                 # Run the first step eagerly: most implementations finish without
                                 # blocking, and then no deadline needs arming at all.
@@ -446,6 +486,14 @@ class Dispatcher:
         """Live per-(plugin, hook) latency and failure counters (not a copy)."""
         return self._stats
 
+
+
+def _needs_scope(impl: _Impl) -> bool:
+    return impl.is_async and not impl.instant
+
+
+# A module-level name: one lookup less per call, and what the tests count scopes with.
+_CancelScope = trio.CancelScope
 
 
 @types.coroutine

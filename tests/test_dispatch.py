@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import time
+
 import pytest
 import trio
 
-from host import hookimpl
+from host import dispatch, hookimpl
 from host.config import load_config
 from host.dispatch import Dispatcher
 from host.plugins import PluginManager
@@ -177,3 +180,126 @@ def test_registration_hooks_must_be_sync() -> None:
     d = dispatcher(("bad", AsyncRegister()))
     [outcome] = d.call_sync("register_commands", register=lambda *a, **k: None)
     assert isinstance(outcome.error, TypeError)
+
+
+# -- async implementations without an await ------------------------------------------------------
+
+
+class InstantAsync:
+    @hookimpl
+    async def on_message(self, message):
+        return "instant"
+
+
+class InstantAsyncRaises:
+    @hookimpl
+    async def on_message(self, message):
+        raise ValueError("async plugin bug")
+
+
+class InstantAsyncBlocksTheLoop:
+    @hookimpl
+    async def on_message(self, message):
+        time.sleep(0.005)  # a blocking call in an async def: the mistake the warning is for
+        return "late"
+
+
+@pytest.fixture
+def scopes_made(monkeypatch) -> list[trio.CancelScope]:
+    """Every cancel scope the dispatcher opens for a call (trio's CancelScope cannot be subclassed)."""
+    made: list[trio.CancelScope] = []
+
+    def counting_scope(*args, **kwargs) -> trio.CancelScope:
+        scope = trio.CancelScope(*args, **kwargs)
+        made.append(scope)
+        return scope
+
+    monkeypatch.setattr(dispatch, "_CancelScope", counting_scope)
+    return made
+
+
+@pytest.mark.anyio
+async def test_async_implementations_without_await_need_no_cancel_scope(host_logs, scopes_made) -> None:
+    d = dispatcher(("sync", Answers("one")), ("instant", InstantAsync()), ("bad", InstantAsyncRaises()))
+    outcomes = await d.call("on_message", host=None, message=None)
+    assert [(o.plugin, o.value) for o in outcomes if o.ok] == [("instant", "instant"), ("sync", "one")]
+    bad = next(o for o in outcomes if o.plugin == "bad")
+    assert isinstance(bad.error, ValueError)
+    assert "plugin bad raised in on_message" in host_logs.errors()[0]["message"]
+    assert d.statistics()[("instant", "on_message")].count == 1
+    assert scopes_made == []
+
+
+@pytest.mark.anyio
+async def test_one_cancel_scope_per_call_once_an_implementation_awaits(scopes_made) -> None:
+    d = dispatcher(
+        ("instant", InstantAsync()),
+        ("hangs", Hangs()),
+        ("slow", SlowAsync()),
+        config={"host": {"timeouts": {"on_message": 2}, "plugin_timeouts": {"slow": {"on_message": 10}}}},
+    )
+    outcomes = await d.call("on_message", host=None, message=None)
+    by_plugin = {o.plugin: o for o in outcomes}
+    assert by_plugin["hangs"].timed_out  # the await-free one beside it changes nothing
+    assert by_plugin["slow"].value == "slow but fine"
+    assert by_plugin["instant"].value == "instant"
+    # One for the call, and a fresh one after the timeout spent it.
+    assert len(scopes_made) == 2
+
+
+@pytest.mark.anyio
+async def test_async_implementation_blocking_the_loop_is_reported_not_timed_out(host_logs) -> None:
+    d = dispatcher(
+        ("blocky", InstantAsyncBlocksTheLoop()),
+        config={"host": {"plugin_timeouts": {"blocky": {"on_message": 0.001}}}},
+    )
+    [outcome] = await d.call("on_message", host=None, message=None)
+    assert outcome.ok and outcome.value == "late"  # it cannot be interrupted: its answer stands
+    assert d.statistics()[("blocky", "on_message")].timeouts == 0
+    assert any("plugin blocky blocked the event loop in on_message" in m for m in host_logs.messages("WARNING"))
+
+
+class Wrapped:
+    def __init__(self) -> None:
+        async def inner(message):
+            await trio.lowlevel.checkpoint()
+
+        @functools.wraps(inner)
+        async def no_await_wrapper(message):
+            return "wrapper"
+
+        self.no_await_wrapper = no_await_wrapper
+
+
+def test_which_coroutine_functions_can_suspend() -> None:
+    async def plain(message):
+        return message
+
+    async def awaits(message):
+        await trio.lowlevel.checkpoint()
+
+    async def async_for(stream):
+        async for _ in stream:
+            pass
+
+    async def async_with(lock):
+        async with lock:
+            pass
+
+    async def async_comprehension(stream):
+        return [item async for item in stream]
+
+    async def await_in_comprehension(awaitables):
+        return [await item for item in awaitables]
+
+    assert dispatch._cannot_suspend(plain)
+    assert dispatch._cannot_suspend(InstantAsync().on_message)  # a bound method: its function's code
+    assert dispatch._cannot_suspend(Wrapped().no_await_wrapper)  # the wrapper is what runs
+    for can_suspend in (awaits, async_for, async_with, async_comprehension, await_in_comprehension, Hangs().on_message):
+        assert not dispatch._cannot_suspend(can_suspend), can_suspend.__name__
+
+    class CallableObject:  # no code to read: counted as able to suspend
+        async def __call__(self, message):
+            return None
+
+    assert not dispatch._cannot_suspend(CallableObject())
