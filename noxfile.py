@@ -95,7 +95,7 @@ def integration(session: nox.Session) -> None:
     # The DingTalk end-to-end and demo tests again, now answered by the real NLP bridge (in the
     # plugin's own session they use a local echo stand-in).
     session.chdir("plugins/dingtalk_connector")
-    session.run("pytest", "tests/test_e2e_replies.py", "tests/test_demo.py")
+    session.run("pytest", "tests/test_e2e_replies.py", "tests/test_demo.py", "tests/test_lost_and_stuck_replies.py")
     session.chdir(str(ROOT))
     session.log(f"integration OK: {', '.join(sorted(expected))}")
 

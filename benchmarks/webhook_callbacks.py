@@ -89,7 +89,7 @@ async def end_to_end(n: int, concurrency: int) -> None:
         "http": {"enabled": True, "addr": "127.0.0.1:0"},
         "host": {"control_socket": "", "reload": {"watch_entry_points": False}},
         "dingtalk": {"client_id": "dingbench", "client_secret": SECRET, "openapi_endpoint": "http://127.0.0.1:9",
-                     "mode": "webhook", "webhook": {"inline_reply_timeout": 2.0}},
+                     "mode": "webhook", "webhook": {"inline_reply_timeout": 1.9}},
     }  # fmt: skip
     host = build_host(load_config(data=data, environ={}), plugins=[("dingtalk_connector", dingtalk_plugin),
                       ("answer", Answer())], entry_points=False)  # fmt: skip

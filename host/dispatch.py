@@ -5,7 +5,9 @@ implementations itself (rather than letting pluggy call them all in one go) so t
 isolated:
 
 * an implementation that raises is logged with its plugin name and the request id, counted, and the
-  next implementation still runs;
+  next implementation still runs. That includes ``SystemExit`` (``sys.exit()`` in a plugin),
+  ``KeyboardInterrupt`` and any other ``BaseException``: only trio's ``Cancelled`` propagates
+  (``host.plugins.escaped_from_plugin``);
 * an ``async def`` implementation (or a sync one returning an awaitable) runs under its timeout and is
   cancelled when it exceeds it; a synchronous implementation cannot be interrupted, so it is only timed
   (and a warning logged when it blocked the event loop past its timeout);
@@ -53,6 +55,7 @@ import trio
 
 from host.logs import current_plugin, logger
 from host.metrics import LATENCY_BUCKETS, HookStats
+from host.plugins import escaped_from_plugin
 
 if TYPE_CHECKING:
     from host.config import HostSection
@@ -238,7 +241,9 @@ class Dispatcher:
                         value.close()
                     raise TypeError(f"{hook} must be synchronous, {impl.plugin} returned an awaitable")
                 outcomes.append(Outcome(impl.plugin, value))
-            except Exception as exc:
+            except BaseException as exc:  # even sys.exit() in a plugin is only that plugin's failure
+                if not escaped_from_plugin(exc):
+                    raise
                 impl.stats.errors += 1
                 self._log_failure(impl.plugin, hook, exc)
                 outcomes.append(Outcome(impl.plugin, error=exc))
@@ -345,7 +350,9 @@ class Dispatcher:
                                 outcome = Outcome(plugin, value, held=True)
                             else:
                                 outcome = Outcome(plugin, value)
-                        except Exception as exc:
+                        except BaseException as exc:  # SystemExit & co too; trio's Cancelled is ours
+                            if not escaped_from_plugin(exc):
+                                raise
                             impl.stats.errors += 1
                             self._log_failure(plugin, hook, exc)
                             outcome = Outcome(plugin, error=exc)

@@ -46,6 +46,7 @@ from starlette.types import ASGIApp
 
 from host.errors import HostError
 from host.logs import current_plugin, logger
+from host.plugins import escaped_from_plugin
 from host.tls import TLS12_CIPHERS, TlsPolicyError, server_context
 
 if TYPE_CHECKING:
@@ -383,7 +384,9 @@ def _guarded(endpoint: Callable[..., Any], owner: str, path: str) -> Callable[..
         try:
             response: Response = await endpoint(request)
             return response
-        except Exception as exc:
+        except BaseException as exc:  # even sys.exit() in an endpoint is that endpoint's 500
+            if not escaped_from_plugin(exc):
+                raise
             logger.opt(exception=exc).error("HTTP endpoint {} of {} failed: {!r}", path, owner, exc)
             return PlainTextResponse("internal error\n", status_code=500)
         finally:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pluggy
+import trio
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
@@ -39,6 +40,7 @@ __all__ = [
     "PluginManager",
     "PluginRecord",
     "PluginState",
+    "escaped_from_plugin",
 ]
 
 ENTRY_POINT_GROUP = "host.plugins"
@@ -78,6 +80,21 @@ class PluginRecord:
             "hooks": self.hooks,
             "host_api": self.host_api,
         }
+
+
+def escaped_from_plugin(exc: BaseException) -> bool:
+    """Whether ``exc``, raised out of plugin code, is that plugin's failure to isolate (log, count,
+    apologize) rather than the host's own cancellation, which must propagate.
+
+    ``SystemExit`` (``sys.exit()`` in a plugin), ``KeyboardInterrupt``, ``GeneratorExit`` and any other
+    ``BaseException`` subclass a plugin raises are its failure: one plugin must not stop the bot (the
+    CLI turns SIGINT/SIGTERM into a graceful shutdown itself, so a ``KeyboardInterrupt`` reaching a
+    hook is the plugin's own). Only trio's ``Cancelled``, alone or in an exception group, is not.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, _rest = exc.split(trio.Cancelled)
+        return cancelled is None
+    return not isinstance(exc, trio.Cancelled)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -161,7 +178,9 @@ class PluginManager:
             return self._set(record)
         try:
             obj = loader()
-        except Exception as exc:
+        except BaseException as exc:  # an import-time sys.exit() fails this plugin, not the host
+            if not escaped_from_plugin(exc):
+                raise
             record.state, record.error = "failed", f"import failed: {_error_text(exc)}"
             return self._set(record)
         try:

@@ -40,7 +40,7 @@ from host.access import policy_changes
 from host.config import load_config, redact
 from host.errors import ConfigError, PluginError
 from host.logs import current_plugin, logger
-from host.plugins import PluginManager, PluginRecord
+from host.plugins import PluginManager, PluginRecord, escaped_from_plugin
 
 if TYPE_CHECKING:
     from host.connector import Connector
@@ -377,6 +377,7 @@ class Reloader:
                 return ReloadResult(name, "unchanged", old_version)
             assert old is not None
             drained = await self._retire(name, old)
+            self._restore_sections(name, {})
             plugins.set_record(PluginRecord(name, old.distribution, old.version, old.module, state="disabled",
                                             error="uninstalled"))
             return ReloadResult(name, "unloaded", old_version, drained=drained)
@@ -385,6 +386,7 @@ class Reloader:
             if old_loaded:
                 assert old is not None
                 drained = await self._retire(name, old)
+                self._restore_sections(name, {})
                 plugins.set_record(PluginRecord(name, state="disabled", error="disabled by allow/deny lists",
                                                 **fields))
                 return ReloadResult(name, "unloaded", old_version, drained=drained)
@@ -399,7 +401,11 @@ class Reloader:
             schemas = self._sections_of(name, obj)
             # Validated now, stored only at the swap: the old version keeps reading its own.
             sections = [(section, host.config.check_section(section, schema)) for section, schema in schemas]
-        except (Exception, PluginError) as exc:
+        except BaseException as exc:  # an import-time sys.exit() fails the reload, not the host
+            if not escaped_from_plugin(exc):
+                _detach_modules(roots)
+                sys.modules.update(saved)
+                raise
             _detach_modules(roots)
             sys.modules.update(saved)
             error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc)
@@ -410,6 +416,7 @@ class Reloader:
         new_record = PluginRecord(name, source=source, hooks=hooks, module_roots=roots, **fields)
         old_schemas = {section: host.section_schemas[section] for section, _ in schemas
                        if section in host.section_schemas}
+        old_owned = {section: entry for section, entry in host.section_schemas.items() if entry[0] == name}
 
         # Phase 2: swap.
         drained = True
@@ -424,8 +431,7 @@ class Reloader:
             host.config.set_section(section, value)
         plugins.register(name, obj, new_record)
         plugins.set_record(new_record)
-        for section, schema in schemas:
-            host.section_schemas[section] = (name, schema)
+        self._restore_sections(name, {section: (name, schema) for section, schema in schemas})
         started = await host.dispatcher.call_plugin(name, "on_startup", host=host)
         if started is not None and not started.ok:
             error = "on_startup timed out" if started.timed_out else f"on_startup raised {started.error!r}"
@@ -433,6 +439,7 @@ class Reloader:
             _detach_modules(roots)
             sys.modules.update(saved)
             if old_obj is None:
+                self._restore_sections(name, old_owned)
                 plugins.set_record(PluginRecord(name, state="failed", error=error, source=source, **fields))
                 return ReloadResult(name, "failed", None, fields.get("version"), error=error)
             assert old is not None
@@ -440,6 +447,7 @@ class Reloader:
                 # The section was validated with the new version's schema: back to the old one.
                 host.config.validate_section(section, schema)
                 host.section_schemas[section] = (owner, schema)
+            self._restore_sections(name, old_owned)
             plugins.register(name, old_obj, old)
             plugins.set_record(old)
             restarted = await host.dispatcher.call_plugin(name, "on_startup", host=host)
@@ -454,6 +462,14 @@ class Reloader:
         await self._activate(name, old_connectors=old_connectors)
         outcome: Outcome = "reloaded" if old_loaded else "loaded"
         return ReloadResult(name, outcome, old_version, fields.get("version"), drained=drained)
+
+    def _restore_sections(self, name: str, owned: dict[str, tuple[str, Any]]) -> None:
+        """Make ``owned`` the configuration schemas ``name`` has: a schema left behind by a removed
+        plugin (or version) would go on validating, and refusing, the configuration on reload."""
+        schemas = self.host.section_schemas
+        for section in [s for s, (owner, _) in schemas.items() if owner == name and s not in owned]:
+            del schemas[section]
+        schemas.update(owned)
 
     def _sections_of(self, name: str, obj: Any) -> list[tuple[str, Any]]:
         func = getattr(obj, "register_config_sections", None)

@@ -32,7 +32,7 @@ from host.http import HttpServer
 from host.logs import current_plugin, current_request_id, logger
 from host.metrics import HookStatsCollector, Metrics
 from host.model import AuditEntry, Conversation, Event, Message, Reply
-from host.plugins import PluginManager, PluginRecord
+from host.plugins import PluginManager, PluginRecord, escaped_from_plugin
 
 __all__ = ["Host", "build_host"]
 
@@ -82,6 +82,10 @@ class Host:
         self._audit_lock = trio.Lock()
         self._audit_holds = 0
         self._chain: Callable[[Message], Awaitable[None]] = self._answer
+        self._handling_seconds = 0.0
+        self._handling_generation = -1
+        self._worker_slots: list[_WorkerSlot] = []
+        self._state_versions: dict[str, str] = {}  # plugin -> the version its state series carry
         self._setup_metrics()
         plugins.listeners.append(self._on_plugin_state)
         for record in plugins.records.values():
@@ -112,6 +116,10 @@ class Host:
             "delivery_failures_total", "Replies a connector could not deliver.", ["connector"]
         )
         self.m_events = m.counter("events_total", "Events by outcome.", ["connector", "outcome"])
+        self.m_service_failures = m.counter(
+            "plugin_service_failures_total", "Plugin services (host.start_service) that ended with an error.",
+            ["plugin"],
+        )
         self.m_plugin_state = m.gauge(
             "plugin_state", "1 for the current state of each plugin.", ["plugin", "version", "state"]
         )
@@ -122,6 +130,12 @@ class Host:
 
     def _on_plugin_state(self, record: PluginRecord) -> None:
         version = record.version or ""
+        previous = self._state_versions.get(record.name)
+        if previous is not None and previous != version:
+            # An upgraded (or rolled back) plugin: its old version must not stay reported "loaded".
+            for state in _STATE_VALUES:
+                self.m_plugin_state.remove(record.name, previous, state)
+        self._state_versions[record.name] = version
         for state in _STATE_VALUES:
             self.m_plugin_state.labels(record.name, version, state).set(1 if state == record.state else 0)
         details: dict[str, Any] = {"version": record.version, "distribution": record.distribution}
@@ -239,10 +253,43 @@ class Host:
         once ready. The task is cancelled when the plugin is unloaded or reloaded, and when the host
         stops (after ``on_shutdown``), so a plugin can never leave tasks behind. Call it from
         ``on_startup`` or later.
+
+        A service that raises before ``task_status.started()`` makes this call raise. One that raises
+        after it ends alone: the error is logged, audited (``plugin`` / ``service_failed``) and counted
+        in ``host_plugin_service_failures_total{plugin}``; the plugin's other services and the rest
+        of the host go on.
         """
         plugin = current_plugin.get() or "host"
         nursery = await self._plugin_nursery(plugin)
-        return await nursery.start(func, *args, name=name)
+        label = name or getattr(func, "__qualname__", repr(func))
+        return await nursery.start(self._run_service, plugin, label, func, args, name=name or label)
+
+    async def _run_service(
+        self,
+        plugin: str,
+        label: str,
+        func: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        *,
+        task_status: trio.TaskStatus[Any],
+    ) -> None:
+        started = False
+
+        class _Status:
+            def started(self, value: Any = None) -> None:
+                nonlocal started
+                started = True
+                task_status.started(value)
+
+        try:
+            await func(*args, task_status=_Status())
+        except BaseException as exc:
+            # Raised after started: it would fail the plugin's nursery, then the host's (the whole bot).
+            if not started or not escaped_from_plugin(exc):
+                raise
+            self.m_service_failures.labels(plugin).inc()
+            logger.opt(exception=exc).error("service {} of plugin {} failed: {!r}", label, plugin, exc)
+            self.audit_soon("plugin", "service_failed", target=plugin, details={"service": label, "error": repr(exc)})
 
     async def _plugin_nursery(self, plugin: str) -> trio.Nursery:
         nursery = self._plugin_nurseries.get(plugin)
@@ -319,9 +366,14 @@ class Host:
         token = current_request_id.set(event.request_id)
         try:
             outcomes = await self.dispatcher.call("on_event", host=self, event=event)
+            ok = all(o.ok for o in outcomes)
+        except BaseException as exc:  # e.g. sys.exit() in a plugin: the event failed, the host goes on
+            if not escaped_from_plugin(exc):
+                raise
+            logger.opt(exception=exc).error("event handling failed: {!r}", exc)
+            ok = False
         finally:
             current_request_id.reset(token)
-        ok = all(o.ok for o in outcomes)
         self.m_events.labels(event.connector, "consumed" if ok else "failed").inc()
         return ok
 
@@ -340,6 +392,7 @@ class Host:
             async with trio.open_nursery() as workers:
                 for _ in range(self.config.host.concurrency):
                     workers.start_soon(self._worker)
+                workers.start_soon(self._watchdog)
                 async with trio.open_nursery() as serving:
                     self._serving = serving
                     for connector in list(self.connectors.values()):
@@ -427,7 +480,9 @@ class Host:
 
         try:
             await connector.serve(self, task_status=_Status())
-        except Exception as exc:
+        except BaseException as exc:  # a connector's sys.exit() ends that connector, not the host
+            if not escaped_from_plugin(exc):
+                raise
             logger.opt(exception=exc).error("connector {} failed: {!r}", connector.name, exc)
             self.audit_soon("connector", "fail", target=connector.name, details={"error": repr(exc)})
         if not started:
@@ -436,22 +491,50 @@ class Host:
     async def _stop_connector(self, connector: Connector) -> None:
         try:
             await connector.stop()
-        except Exception as exc:
+        except BaseException as exc:
+            if not escaped_from_plugin(exc):
+                raise
             logger.opt(exception=exc).error("connector {} failed to stop: {!r}", connector.name, exc)
 
     async def _worker(self) -> None:
-        async for message in self._queue_recv:
-            if not self._room.is_set():
-                self._room.set()
-            queued_at = message.context.pop("_queued_at", None)
-            if queued_at is not None:
-                self.m_queue_wait.observe(time.perf_counter() - queued_at)
-            try:
-                await self.handle(message)
-            finally:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.set()
+        slot = _WorkerSlot()
+        self._worker_slots.append(slot)
+        try:
+            while True:
+                # The watchdog cancels this scope to end one overdue message; the worker goes on.
+                with trio.CancelScope() as slot.scope:
+                    async for message in self._queue_recv:
+                        if not self._room.is_set():
+                            self._room.set()
+                        queued_at = message.context.pop("_queued_at", None)
+                        if queued_at is not None:
+                            self.m_queue_wait.observe(time.perf_counter() - queued_at)
+                        slot.message, slot.since = message, trio.current_time()
+                        try:
+                            await self.handle(message)
+                        finally:
+                            slot.message = slot.since = None
+                            self._pending -= 1
+                            if self._pending == 0:
+                                self._idle.set()
+                    return
+        finally:
+            self._worker_slots.remove(slot)
+
+    async def _watchdog(self) -> None:
+        """Cancel the handling of a message that ran past ``_handling_deadline`` (a middleware or a
+        connector that never returns): the sender gets the apology and the worker is freed. A check
+        every few seconds rather than a cancel scope per message, which would cost ~15 µs each."""
+        while True:
+            await trio.sleep(_WATCHDOG_SECONDS)
+            limit = self._handling_deadline()
+            now = trio.current_time()
+            for slot in self._worker_slots:
+                if slot.since is not None and slot.message is not None and now - slot.since > limit:
+                    slot.message.context["_overdue"] = True
+                    slot.since = None
+                    assert slot.scope is not None
+                    slot.scope.cancel()
 
     # -- handling ----------------------------------------------------------------------------
 
@@ -464,13 +547,43 @@ class Host:
         except trio.Cancelled:
             message.context["_outcome"] = "abandoned"
             raise
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit & co from a plugin or middleware: not the host's end
+            if not escaped_from_plugin(exc):
+                raise
             logger.opt(exception=exc).error("message handling failed: {!r}", exc)
-            await self._apologize(message)
+            # An answer already delivered (a middleware failed after call_next) gets no apology after it.
+            if "_answered_at" not in message.context:
+                await self._apologize(message)
         finally:
+            if message.context.pop("_overdue", False):  # cancelled by the watchdog (_watchdog)
+                logger.error(
+                    "handling the message took longer than {:.0f}s (a middleware or connector that never"
+                    " returns?); cancelled it", self._handling_seconds,
+                )
+                if "_answered_at" not in message.context:
+                    with _shielded_for(_APOLOGY_SECONDS):  # the connector may be what hangs
+                        await self._apologize(message)
             self.m_handled.labels(message.connector, message.context.pop("_outcome")).inc()
             message.context.pop("_answered_at", None)
             current_request_id.reset(token)
+
+    def _handling_deadline(self) -> float:
+        """Seconds one message may take through the whole chain: the longest wait at a reload gate, the
+        slowest ``on_message`` timeout, then ``[host] stream_timeout``, plus a minute for deliveries. Only a middleware (or connector)
+        that never returns reaches it; without a bound, each such message would hold a worker forever
+        and ``concurrency`` of them would silence the bot."""
+        generation = self.plugins.generation  # bumped by every (un)registration and config reload
+        if self._handling_generation != generation:
+            dispatcher = self.dispatcher
+            slowest = max(
+                (dispatcher.timeout_for(p, "on_message") for p in dispatcher.implementers("on_message")),
+                default=0.0,
+            )
+            # A call may first wait at a plugin's reload gate: drain_timeout + 30 s (host.dispatch).
+            gate = self.config.host.reload.drain_timeout + 30.0
+            self._handling_seconds = slowest + gate + self.config.host.stream_timeout + _DELIVERY_SLACK_SECONDS
+            self._handling_generation = generation
+        return self._handling_seconds
 
     async def _answer(self, message: Message) -> None:
         outcomes = await self.dispatcher.call("on_message", host=self, message=message)
@@ -538,7 +651,9 @@ class Host:
             return False
         try:
             await connector.deliver(message, reply)
-        except Exception as exc:
+        except BaseException as exc:
+            if not escaped_from_plugin(exc):
+                raise
             self.m_delivery_failures.labels(message.connector).inc()
             logger.opt(exception=exc).error("delivery through {} failed: {!r}", message.connector, exc)
             return False
@@ -554,7 +669,9 @@ class Host:
                 return False
             try:
                 stream = await connector.open_stream(message)
-            except Exception as exc:
+            except BaseException as exc:
+                if not escaped_from_plugin(exc):
+                    raise
                 # No streaming surface: collect the whole answer and send it as one markdown message.
                 logger.warning("connector {} cannot stream ({!r}); sending the answer whole", message.connector, exc)
                 text, note = await self._collect(plugin, chunks)
@@ -571,7 +688,9 @@ class Host:
                 async for chunk in chunks:
                     parts.append(chunk)
             note = _TIMEOUT_NOTE if scope.cancelled_caught else ""
-        except Exception as exc:
+        except BaseException as exc:  # the plugin's stream raised (even SystemExit): keep what it wrote
+            if not escaped_from_plugin(exc):
+                raise
             logger.opt(exception=exc).error("plugin {} stream broke: {!r}", plugin, exc)
             note = _BROKEN_NOTE
         finally:
@@ -606,7 +725,9 @@ class Host:
                 await stream.fail(_SHUTDOWN_NOTE)
             ended = True
             raise
-        except Exception as exc:
+        except BaseException as exc:  # the plugin's stream raised (even SystemExit): finalized below
+            if not escaped_from_plugin(exc):
+                raise
             logger.opt(exception=exc).error("stream from plugin {} broke: {!r}", plugin, exc)
             return True
         finally:
@@ -615,7 +736,9 @@ class Host:
                 with _shielded_for(5):
                     try:
                         await stream.fail(_BROKEN_NOTE)
-                    except Exception as exc:
+                    except BaseException as exc:
+                        if not escaped_from_plugin(exc):
+                            raise
                         self.m_delivery_failures.labels(message.connector).inc()
                         logger.error("could not finalize the streamed reply: {!r}", exc)
             with _shielded_for(1):
@@ -677,7 +800,16 @@ class Host:
         async with self._audit_lock:
             while self._audit_backlog:
                 entry = self._audit_backlog.pop(0)
-                for outcome in await self.dispatcher.call("on_audit", host=self, entry=entry):
+                try:
+                    outcomes = await self.dispatcher.call("on_audit", host=self, entry=entry)
+                except BaseException as exc:  # sys.exit() in on_audit must not end the flusher (and the host)
+                    if not escaped_from_plugin(exc):
+                        raise
+                    logger.opt(exception=exc).error(
+                        "audit record {}/{} not stored: {!r}", entry.category, entry.action, exc
+                    )
+                    continue
+                for outcome in outcomes:
                     if not outcome.ok:
                         logger.error(
                             "audit record {}/{} not stored by {}", entry.category, entry.action, outcome.plugin
@@ -700,6 +832,25 @@ class Host:
             "connectors": {name: c.is_ready() for name, c in self.connectors.items()},
         }
 
+
+#: Added to the on_message and stream budgets for a message's deliveries (see ``_handling_deadline``).
+_DELIVERY_SLACK_SECONDS = 60.0
+#: How long the apology after a timed-out message may take (the connector itself may hang).
+_APOLOGY_SECONDS = 30.0
+#: How often the watchdog looks for messages past their handling deadline.
+_WATCHDOG_SECONDS = 5.0
+
+
+class _WorkerSlot:
+    """What one worker is handling (for ``Host._watchdog``): the message, since when, and the scope
+    that cancels it."""
+
+    __slots__ = ("message", "scope", "since")
+
+    def __init__(self) -> None:
+        self.message: Message | None = None
+        self.since: float | None = None
+        self.scope: trio.CancelScope | None = None
 
 _TIMEOUT_NOTE = "\n\n(The answer was cut off because it took too long.)"
 _BROKEN_NOTE = "\n\n(Sorry, this answer is incomplete: something went wrong while writing it.)"
@@ -749,7 +900,9 @@ async def _aclose(iterator: Any) -> None:
     if aclose is not None:
         try:
             await aclose()
-        except Exception as exc:
+        except BaseException as exc:
+            if not escaped_from_plugin(exc):
+                raise
             logger.debug("closing a reply stream raised {!r}", exc)
 
 

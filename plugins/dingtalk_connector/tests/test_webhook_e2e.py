@@ -109,7 +109,7 @@ class Streamer:
 async def test_a_streamed_answer_releases_the_request_at_once() -> None:
     with trio.fail_after(LIMIT):
         async with open_emulator() as emu, open_callbacks(emu) as callbacks, \
-                open_webhook_host(webhook_config(emu, webhook={"inline_reply_timeout": 20}),
+                open_webhook_host(webhook_config(emu, webhook={"inline_reply_timeout": 20, "callback_response_timeout": 30}),
                                   ("streamer", Streamer())) as running:  # fmt: skip
             with trio.fail_after(10):  # far less than the 20 s inline wait: released by open_stream
                 record = await callbacks.send_user_message(running.callback_url, "stream please")

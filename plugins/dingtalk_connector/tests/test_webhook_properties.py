@@ -37,7 +37,7 @@ CONFIG = {
     "client_secret": SECRET,
     "openapi_endpoint": "http://127.0.0.1:9",  # never called: answers go inline
     "mode": "webhook",
-    "webhook": {"inline_reply_timeout": 5.0, "max_body_bytes": 16_384},
+    "webhook": {"inline_reply_timeout": 5.0, "callback_response_timeout": 10.0, "max_body_bytes": 16_384},
     "stream": QUIET_STREAM,
 }
 PROPERTY_SETTINGS = settings(

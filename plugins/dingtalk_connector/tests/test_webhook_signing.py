@@ -167,6 +167,17 @@ def test_settings_refuse_nonsense() -> None:
     assert msgspec.convert({}, WebhookSettings).window_seconds == 3600
 
 
+def test_inline_answers_must_be_written_before_dingtalk_stops_waiting() -> None:
+    import msgspec
+
+    # An inline answer written after DingTalk's 2.5 s wait reaches nobody: refused at config time.
+    with pytest.raises(msgspec.ValidationError, match=r"busy_wait \+ inline_reply_timeout .* below callback_response"):
+        msgspec.convert({"inline_reply_timeout": 2.2}, WebhookSettings)  # + busy_wait 0.5 = 2.7 s
+    assert msgspec.convert({"inline_reply_timeout": 1.9}, WebhookSettings).inline_reply_timeout == 1.9
+    longer = {"inline_reply_timeout": 5.0, "callback_response_timeout": 10.0}  # a client known to wait
+    assert msgspec.convert(longer, WebhookSettings).inline_reply_timeout == 5.0
+
+
 def test_reporter_bounds_audit_records_and_summarises() -> None:
     emitted: list[tuple[str, str, dict[str, object]]] = []
     now = Clock(0.0)

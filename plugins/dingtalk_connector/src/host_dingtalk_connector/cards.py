@@ -61,6 +61,9 @@ __all__ = [
 ]
 
 CREATE_AND_DELIVER = "/v1.0/card/instances/createAndDeliver"
+DELIVER = "/v1.0/card/instances/deliver"
+#: createAndDeliver retried after an attempt whose answer was lost, but which created the card.
+_ALREADY_EXISTS = "param.cardAlreadyExist"
 STREAMING = "/v1.0/card/streaming"
 _STREAMING_API = f"PUT {STREAMING}"
 #: DingTalk's code for a streamed content over its size limit (reference 7.5).
@@ -134,7 +137,9 @@ class CollectedStream:
         self._chunks.append(chunk)
 
     async def finish(self) -> None:
-        await self._end("".join(self._chunks) or self._empty_text)
+        text = "".join(self._chunks)
+        # Blank lines only would be a blank message: say the answer was empty instead.
+        await self._end(text if text.strip() else self._empty_text)
 
     async def fail(self, note: str) -> None:
         await self._end(("".join(self._chunks) + note).strip() or self._empty_text)
@@ -234,14 +239,21 @@ class AICardStream:
             "imRobotOpenSpaceModel": {"supportForward": True},
             **target,
         }
+        what = f"card for {self.message.id}"
+        on_qps = self.service.qps_counter(self.app)
         try:
-            answer = await self.client.call(
-                "POST",
-                CREATE_AND_DELIVER,
-                body,
-                what=f"card for {self.message.id}",
-                on_qps=self.service.qps_counter(self.app),
-            )
+            try:
+                answer = await self.client.call(
+                    "POST", CREATE_AND_DELIVER, body, what=what, on_qps=on_qps
+                )
+            except OpenApiError as exc:
+                if exc.code != _ALREADY_EXISTS:
+                    raise
+                # Our outTrackId is new, so an earlier attempt (answer lost: 5xx, timeout) created
+                # the card: deliver it (idempotent) rather than leave it "generating" beside a message.
+                deliver = {"outTrackId": self.out_track_id, **target}
+                answer = await self.client.call("POST", DELIVER, deliver, what=what, on_qps=on_qps)
+                answer = {"result": {"deliverResults": answer.get("result")}}
         except OpenApiError as exc:
             self.service.count(self.app, "create_failed")
             logger.warning(
@@ -325,7 +337,7 @@ class AICardStream:
                     return
                 self._pending = trio.Event()
                 content, _ = self._display(self._text, final=False)
-                if content == self._shown or not content:
+                if content == self._shown or not content.strip():  # never show a blank card
                     continue
                 await self._send_update(content, bucket)
 
@@ -382,7 +394,8 @@ class AICardStream:
         if self.ended:
             return
         self.ended = True
-        self._final = (text or self._empty_text, error)
+        # Whitespace only would finish a blank card (a common complaint): show empty_text instead.
+        self._final = (text if text.strip() else self._empty_text, error)
         self._pending.set()  # wake the pump so it exits
         await self._complete()
 

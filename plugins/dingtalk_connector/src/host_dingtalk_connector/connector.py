@@ -102,6 +102,8 @@ class DingTalkConnector:
             oapi_endpoints={app.name: app.oapi_endpoint for app in apps if app.oapi_endpoint},
         )
         self.streams: dict[str, AppStream] = {}
+        #: What each app already accepted (kept across a hot reload, see ``inherit_dedup``).
+        self.dedup: dict[str, DedupCache] = {}
         self._rng = rng
         self._stop = trio.Event()
         self._done = trio.Event()
@@ -124,9 +126,11 @@ class DingTalkConnector:
         try:
             async with trio.open_nursery() as nursery:
                 for app in self.apps.values():
-                    dedup = DedupCache(
-                        ttl=settings.dedup_ttl, max_entries=settings.dedup_max_entries
-                    )
+                    dedup = self.dedup.get(app.name)
+                    if dedup is None:
+                        dedup = self.dedup[app.name] = DedupCache(
+                            ttl=settings.dedup_ttl, max_entries=settings.dedup_max_entries
+                        )
                     self.metrics.dedup_entries.labels(app.name).set_function(dedup.__len__)
                     router = FrameRouter(
                         app=app,
@@ -172,6 +176,24 @@ class DingTalkConnector:
         if self._retire_on_stop:
             self._retiring = True
             await self._close_when_idle()
+
+    def inherit_dedup(self, previous: object) -> int:
+        """Hot reload: take over the dedup memory of the connector this one replaces (before
+        ``serve``), so that DingTalk's redelivery of a message the old one accepted (its ACK lost)
+        is not answered a second time. Only apps with the same name and client id; returns how many.
+        """
+        caches = getattr(previous, "dedup", None)
+        old_apps = getattr(previous, "apps", None)
+        if previous is self or not isinstance(caches, dict) or not isinstance(old_apps, dict):
+            return 0
+        taken = 0
+        for name, app in self.apps.items():
+            old_app, cache = old_apps.get(name), caches.get(name)
+            # Duck-typed: after a reload the old cache is an instance of the old module's class.
+            if cache is not None and getattr(old_app, "client_id", None) == app.client_id and hasattr(cache, "seen"):
+                self.dedup[name] = cache
+                taken += 1
+        return taken
 
     def retire_when_stopped(self) -> None:
         """Plugin reload: once stopped, close the HTTP client as soon as nothing of ours uses it.

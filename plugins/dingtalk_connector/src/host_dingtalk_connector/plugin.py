@@ -83,6 +83,9 @@ def register_connectors(host: Host, register: Callable[..., None]) -> None:
     )
     if isinstance(connector, WebhookConnector):
         connector.setup_webhook(host, section.webhook, receive_stream=section.mode == "both")
+    previous = host.connectors.get(section.connector_name)
+    if previous is not None:  # a hot reload: remember what the old version already accepted
+        connector.inherit_dedup(previous)
     runner = _runners.get(host)
     if runner is not None:  # a reload: on_startup ran before the connectors were registered
         connector.outbound.attach(runner)

@@ -39,7 +39,7 @@ from host.model import Conversation, Message, Reply, now_ms
 from host_dingtalk_connector.errors import HttpTransportError, MediaError, OpenApiError, ReplyError
 from host_dingtalk_connector.openapi import OpenApiClient, robot_message, title_of
 from host_dingtalk_connector.retry import Retrying, RetrySettings
-from host_dingtalk_connector.sizing import split_text, utf8_len
+from host_dingtalk_connector.sizing import split_text
 
 if TYPE_CHECKING:
     from host_dingtalk_connector.http11 import KeepAliveHttp
@@ -100,6 +100,24 @@ def webhook_body(reply: Reply, mention: str | None = None) -> dict[str, Any]:
         card["btnOrientation"] = "0"
         card["btns"] = [{"title": b.title, "actionURL": b.url} for b in reply.buttons]
     return {"msgtype": "actionCard", "actionCard": card, **at}
+
+
+def _json_len(text: str) -> int:
+    """UTF-8 bytes of ``text`` inside a JSON string (DingTalk measures ``msgParam``, a JSON string)."""
+    return len(_encode_json(text)) - 2
+
+
+def _json_pieces(text: str, budget: int, raw_budget: int) -> list[str]:
+    """``split_text`` by JSON-escaped size: newlines and quotes take two bytes once escaped, so a
+    code answer cut by raw bytes alone went over DingTalk's 15 000-byte limit and was refused."""
+    pieces: list[str] = []
+    for piece in split_text(text, raw_budget):
+        size = _json_len(piece)
+        if size <= budget:
+            pieces.append(piece)
+        else:  # cut this piece finer (raw_budget strictly shrinks; 4 bytes always fit)
+            pieces.extend(_json_pieces(piece, budget, max(4, raw_budget * budget // size)))
+    return pieces
 
 
 class _WebhookFailed(Exception):
@@ -262,11 +280,13 @@ class ReplySender:
 
     def _parts(self, reply: Reply) -> list[Reply]:
         """``reply`` split into messages of at most ``message_max_bytes`` (buttons on the last one)."""
-        # Leave room for the title, an @-mention and the JSON around msgParam.
-        budget = self.settings.message_max_bytes - 600
-        if utf8_len(reply.text) <= budget:
+        # Leave room for the title, an @-mention and the JSON around msgParam (at most half of a
+        # small limit: a fixed 600 made every reply fail below message_max_bytes=600).
+        limit = self.settings.message_max_bytes
+        budget = limit - min(600, limit // 2)
+        if _json_len(reply.text) <= budget:
             return [reply]
-        pieces = split_text(reply.text, budget)
+        pieces = _json_pieces(reply.text, budget, budget)
         parts = []
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1

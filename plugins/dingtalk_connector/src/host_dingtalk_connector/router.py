@@ -11,8 +11,8 @@ ACK queue (``Link.send`` queues; the ACK writer of ``acks.py`` does the socket w
   again); otherwise convert and ``intake.offer``: accepted -> remember both ids and ACK at once
   (long before any plugin answers); refused by the host (queue full or stopping) -> **no ACK**, so
   DingTalk redelivers it later, and nothing is remembered.
-* CALLBACK card callback, EVENT: run ``intake.submit_event`` in a bounded set of tasks on the
-  connection's nursery (``max_inflight_events`` per app; when full the frame stays un-ACKed and
+* CALLBACK card callback, EVENT: run ``intake.submit_event`` in a bounded set of tasks that
+  outlive the connection (``max_inflight_events`` per app; when full the frame stays un-ACKed and
   DingTalk redelivers). Card callbacks are ACKed on acceptance (DingTalk gives them 2 s); EVENTs
   are ACKed ``SUCCESS`` or ``LATER`` from the outcome of ``on_event``.
 * Anything unusable: logged with its ``messageId``, counted in ``dingtalk_bad_frames_total``,
@@ -58,7 +58,7 @@ class Link(Protocol):
         ...
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        """Run ``fn`` in the connection's nursery (bounded by the router)."""
+        """Run ``fn`` as a task that may outlive this connection (bounded by the router)."""
         ...
 
     def on_disconnect(self, reason: str) -> None:

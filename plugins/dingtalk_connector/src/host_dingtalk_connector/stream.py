@@ -20,8 +20,14 @@
       keepalive  : WebSocket ping every ping_interval; no pong within pong_timeout -> dead
       watchdog   : nothing at all received for idle_timeout -> dead;
                    no application frame for app_idle_timeout -> retire (hand over)
-      work       : EVENT / card-callback tasks (bounded by the router); on close they get
-                   shutdown_timeout to finish and ACK, then are cancelled (DingTalk redelivers)
+      work       : the ACK writer; on close, EVENT / card-callback handlers started from this
+                   connection get shutdown_timeout to finish and ACK on it
+
+    Event / card-callback handlers run in the app's handler nursery (bounded by the router), not in
+    the connection's: a dropped socket must not cancel them half way (a card click is ACKed on
+    acceptance and never redelivered; an EVENT would run again from the start). One that outlives
+    its connection finishes, its outcome is remembered, and DingTalk's redelivery is answered from
+    it. Only stopping the app cancels them, after shutdown_timeout.
 
 A "dead" connection is retired first (so the replacement starts immediately) and then closed.
 """
@@ -134,10 +140,15 @@ class _Connection:
         return await acks.put(text)
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        assert self._work is not None
+        stream = self.stream
+        handlers = stream.handlers
+        assert handlers is not None
         self._tasks += 1
         if self._tasks_done.is_set():
             self._tasks_done = trio.Event()
+        stream.handlers_running += 1
+        if stream.handlers_idle.is_set():
+            stream.handlers_idle = trio.Event()
 
         async def tracked() -> None:
             try:
@@ -148,8 +159,12 @@ class _Connection:
                 self._tasks -= 1
                 if self._tasks == 0:
                     self._tasks_done.set()
+                stream.handlers_running -= 1
+                if stream.handlers_running == 0:
+                    stream.handlers_idle.set()
 
-        self._work.start_soon(tracked)
+        # The app's nursery, not this connection's: see the module doc.
+        handlers.start_soon(tracked)
 
     def on_disconnect(self, reason: str) -> None:
         if self.draining:
@@ -289,7 +304,11 @@ class _Connection:
             with trio.move_on_after(settings.shutdown_timeout):
                 await self._tasks_done.wait()
             if self._tasks:
-                logger.warning("{}: {} event handler(s) cancelled on close; DingTalk will redeliver", self.label, self._tasks)
+                logger.warning(
+                    "{}: {} event handler(s) still running on close; they finish without this connection "
+                    "(DingTalk redelivers what they could not ACK, answered from their outcome)",
+                    self.label, self._tasks,
+                )  # fmt: skip
             # The ACKs of the last frames (and of the handlers that finished); bounded, in case the
             # gateway stopped reading (what is not written is counted lost and redelivered).
             with trio.move_on_after(_CLOSE_TIMEOUT):
@@ -381,8 +400,14 @@ class AppStream:
         self.ack_stats = AckStats()
         self._quick_handovers = 0
         self._attempt_scope = trio.CancelScope()
+        #: Where EVENT / card-callback handlers run (open while ``run`` runs; outlives connections).
+        self.handlers: trio.Nursery | None = None
+        self.handlers_running = 0
+        self.handlers_idle = trio.Event()
+        self.handlers_idle.set()
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
+        self._stop_requested_at = math.inf
         self._connected = trio.Event()
         self._log = logger.bind(app=app.name)
         self._state_gauge = metrics.connection_state.labels(app.name)
@@ -423,6 +448,8 @@ class AppStream:
 
     def request_stop(self) -> None:
         """Stop reconnecting and close every connection (``run`` then returns)."""
+        if not self._stop.is_set():
+            self._stop_requested_at = trio.current_time()
         self._stop.set()
         # A registration or handshake in progress is abandoned rather than waited for.
         self._attempt_scope.cancel()
@@ -431,6 +458,14 @@ class AppStream:
 
     async def run(self) -> None:
         """Keep a connection open until ``request_stop``; then close every connection gracefully."""
+        async with trio.open_nursery() as handlers:
+            self.handlers = handlers
+            try:
+                await self._run(handlers)
+            finally:
+                self.handlers = None
+
+    async def _run(self, handlers: trio.Nursery) -> None:
         timeout = httpx.Timeout(self.settings.register_timeout)
         async with httpx.AsyncClient(verify=self.ssl_context, timeout=timeout) as http, trio.open_nursery() as nursery:
             delay = 0.0
@@ -487,6 +522,14 @@ class AppStream:
                     self._set_state("disconnected")
             await self._close_all()
         self._set_state("disconnected")
+        # Handlers still running get shutdown_timeout from the stop request (as those the closing
+        # connections waited for), then are cancelled.
+        with trio.move_on_at(min(self._stop_requested_at, trio.current_time()) + self.settings.shutdown_timeout):
+            await self.handlers_idle.wait()
+        if self.handlers_running:
+            self._log.warning("{}: {} event handler(s) cancelled at stop; DingTalk will redeliver",
+                              self.app.name, self.handlers_running)
+        handlers.cancel_scope.cancel()
 
     def _next_delay(self) -> float:
         ceiling = self.backoff.ceiling()

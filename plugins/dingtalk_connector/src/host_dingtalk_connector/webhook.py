@@ -114,6 +114,10 @@ class WebhookSettings(msgspec.Struct, forbid_unknown_fields=True):
     inline_reply_timeout: float = 1.5
     #: When the host's queue is full, hold the request this long for room before answering 503.
     busy_wait: float = 0.5
+    #: How long DingTalk waits for the HTTP response to a callback (2.5 s per its documentation). An
+    #: inline answer written later reaches nobody, so ``busy_wait + inline_reply_timeout`` must stay
+    #: below it. Raise it only if DingTalk is known to wait longer (or for a local test client).
+    callback_response_timeout: float = 2.5
     #: Larger bodies are refused with 413 (a bot message is a few KB).
     max_body_bytes: int = 1_048_576
     #: Signatures remembered for replay protection; when full, new callbacks get 503 (fail closed).
@@ -133,6 +137,13 @@ class WebhookSettings(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"inline_reply_timeout: must be between 0 and 30, got {self.inline_reply_timeout}")
         if not 0 <= self.busy_wait <= 30:
             raise ValueError(f"busy_wait: must be between 0 and 30, got {self.busy_wait}")
+        if self.busy_wait + self.inline_reply_timeout >= self.callback_response_timeout:
+            raise ValueError(
+                f"inline_reply_timeout: busy_wait + inline_reply_timeout ({self.busy_wait} + "
+                f"{self.inline_reply_timeout} s) must be below callback_response_timeout "
+                f"({self.callback_response_timeout} s, how long DingTalk waits for the response): "
+                "an inline answer written later is lost"
+            )
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes: must be at least 1024, got {self.max_body_bytes}")
         if self.replay_cache_max < 100:

@@ -126,6 +126,7 @@ class ControlApi:
             r("POST", "/_emulator/faults/malformed", self.fault_malformed),
             r("POST", "/_emulator/faults/oversized", self.fault_oversized),
             r("POST", "/_emulator/faults/duplicates", self.fault_duplicates),
+            r("POST", "/_emulator/faults/lost_acks", self.fault_lost_acks),
             r("POST", "/_emulator/faults/qps", self.fault_qps),
             r("POST", "/_emulator/faults/card-delivery", self.fault_card_delivery),
             r("POST", "/_emulator/faults/downloads", self.fault_downloads),
@@ -291,6 +292,11 @@ class ControlApi:
         size = _opt(body, "size", int)
         kwargs = self._message_kwargs({k: v for k, v in body.items() if k != "size"})
         return _json(await self.emu.faults.oversized(size, **kwargs))
+
+    async def fault_lost_acks(self, request: Request) -> Response:
+        body = await _body(request)
+        self.emu.faults.lose_acks(_opt(body, "count", int, 1))
+        return _json(self.emu.faults.to_dict())
 
     async def fault_duplicates(self, request: Request) -> Response:
         body = await _body(request)

@@ -10,6 +10,7 @@ close                close a connection with a given close code and reason (1000
 malformed            send a malformed frame (not JSON, binary, data as object, numeric time...)
 oversized            push a valid bot message whose frame exceeds ``max_frame_bytes``
 duplicates           the next ``count`` pushes are delivered twice (same or new messageId)
+lost_acks            the next ``count`` ACKs from the client are lost on the way (never recorded)
 qps                  the next ``count`` OpenAPI calls (optionally of one API) fail with 403
                      ``Forbidden.AccessDenied.QpsLimitForAppkeyAndApi``
 card_delivery        the next ``count`` card deliveries report ``success: false`` per space
@@ -53,6 +54,7 @@ class FaultSwitches:
     registration_release: trio.Event = field(default_factory=trio.Event)
     duplicate_remaining: int = 0
     duplicate_same_message_id: bool = True
+    lost_acks_remaining: int = 0
     qps_remaining: int = 0
     qps_api: str | None = None
     card_delivery_remaining: int = 0
@@ -83,6 +85,12 @@ class FaultSwitches:
             return True
         return False
 
+    def take_lost_ack(self) -> bool:
+        if self.lost_acks_remaining > 0:
+            self.lost_acks_remaining -= 1
+            return True
+        return False
+
     def take_card_delivery(self) -> str | None:
         if self.card_delivery_remaining > 0:
             self.card_delivery_remaining -= 1
@@ -102,6 +110,7 @@ class FaultSwitches:
                 "remaining": self.registration_remaining},
             "duplicates": {"remaining": self.duplicate_remaining,
                            "sameMessageId": self.duplicate_same_message_id},
+            "lostAcks": {"remaining": self.lost_acks_remaining},
             "qps": {"remaining": self.qps_remaining, "api": self.qps_api},
             "cardDelivery": {"remaining": self.card_delivery_remaining,
                              "errorMsg": self.card_delivery_error},
@@ -176,6 +185,13 @@ class Faults:
         self.switches.duplicate_remaining = count
         self.switches.duplicate_same_message_id = same_message_id
 
+    def lose_acks(self, count: int = 1) -> None:
+        """The next ``count`` ACKs the client sends are lost on the way: the frame stays un-ACKed
+        for DingTalk (and is redelivered when redelivery is on), though the client did ACK it."""
+        if count < 0:
+            raise EmulatorError("count must be >= 0")
+        self.switches.lost_acks_remaining = count
+
     # --- OpenAPI ----------------------------------------------------------------------------
     def qps_errors(self, count: int = 1, *, api: str | None = None) -> None:
         """The next ``count`` OpenAPI calls (only of ``api``, e.g. "PUT /v1.0/card/streaming",
@@ -235,7 +251,8 @@ class Faults:
         return self._emu.state.clock.offset
 
     def reset(self) -> None:
-        """Clear every switchable fault (registration, duplicates, qps, card delivery, downloads)."""
+        """Clear every switchable fault (registration, duplicates, lost ACKs, qps, card delivery,
+        downloads)."""
         self.clear_registration()
         fresh = FaultSwitches(registration_release=self.switches.registration_release)
         for name in fresh.__dataclass_fields__:

@@ -386,6 +386,10 @@ class Gateway:
             conn.inbound_problems.append({"at": state.clock.epoch_ms(), "problem": problem,
                                           "raw": text[:2000]})
             return
+        if self.faults.take_lost_ack():
+            conn.inbound_problems.append({"at": state.clock.epoch_ms(), "raw": text[:2000],
+                                          "problem": "ACK lost on the way (lost_acks fault)"})
+            return
         frame = conn.by_message_id.get(ack["headers"]["messageId"])
         if frame is None:
             conn.inbound_problems.append({"at": state.clock.epoch_ms(), "raw": text[:2000],
@@ -469,11 +473,14 @@ class Gateway:
         with _IF_CLOSED:
             conn.outbox.send_nowait(item)
 
+    def _candidates(self, frame_type: str, topic: str) -> list[Connection]:
+        return [c for c in self.connections.values()
+                if c.receives_pushes and c.client_id == self.settings.client_id
+                and c.subscribed(frame_type, topic)]
+
     def choose(self, frame_type: str, topic: str) -> Connection | None:
         """The connection that gets the next push of (type, topic), per the push policy."""
-        candidates = [c for c in self.connections.values()
-                      if c.receives_pushes and c.client_id == self.settings.client_id
-                      and c.subscribed(frame_type, topic)]
+        candidates = self._candidates(frame_type, topic)
         if not candidates:
             return None
         policy = self.settings.push_policy
@@ -522,6 +529,16 @@ class Gateway:
         await trio.sleep_until(deadline)  # a LATER / error answer is retried after the same delay
         if record.ack is not None and record.ack.verdict == "ok":
             return
+        limit = (self.settings.event_max_redeliveries if record.kind == "event"
+                 else self.settings.bot_max_redeliveries)
+        attempt = record.attempt + 1
+        # No connection to push to right now (the client is reconnecting): like DingTalk, keep the
+        # frame and try again after the same delay (each try counts) rather than drop it for good.
+        while not self._candidates(record.frame_type, record.topic):
+            if attempt >= limit:
+                return
+            attempt += 1
+            await trio.sleep(delay)
         hdrs = dict(headers or {})
         if not self.settings.redelivery_new_message_id:
             conn = self.choose(record.frame_type, record.topic)
@@ -529,18 +546,16 @@ class Gateway:
                 return
             new = self.push_to(conn, record.frame_type, record.topic, record.kind, record.payload,
                                headers=hdrs, delivery_key=record.delivery_key,
-                               attempt=record.attempt + 1, message_id=record.message_id,
+                               attempt=attempt, message_id=record.message_id,
                                allow_oversized=allow_oversized)
             # The same messageId on the same connection: the new ACK must land on the new record.
             conn.by_message_id[new.message_id] = new
-            limit = (self.settings.event_max_redeliveries if record.kind == "event"
-                     else self.settings.bot_max_redeliveries)
             if new.attempt < limit and self.nursery is not None:
                 self.nursery.start_soon(self._redeliver_later, new, delay, headers, allow_oversized)
         else:
             new_record = self.deliver(record.frame_type, record.topic, record.kind, record.payload,
                                       headers=hdrs, delivery_key=record.delivery_key,
-                                      attempt=record.attempt + 1, allow_oversized=allow_oversized)
+                                      attempt=attempt, allow_oversized=allow_oversized)
             if new_record is None:
                 return
             new = new_record
