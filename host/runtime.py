@@ -586,6 +586,13 @@ class Host:
         return self._handling_seconds
 
     async def _answer(self, message: Message) -> None:
+        if "_answered_at" in message.context:
+            # A middleware called call_next again (a retry done wrong): one message, one answer.
+            logger.error(
+                "plugin {} called call_next again for a message already answered; not answering twice",
+                current_plugin.get(),
+            )
+            return
         outcomes = await self.dispatcher.call("on_message", host=self, message=message)
         answered = failed = False
         try:

@@ -133,6 +133,27 @@ async def test_middleware_failing_after_the_answer_sends_no_apology_after_it(whe
     assert any("message handling failed" in m for m in host_logs.messages("ERROR"))
 
 
+class MiddlewareCallsNextTwice:
+    """A retry middleware done wrong: it calls call_next again although the first call answered."""
+
+    @hookimpl
+    def register_middleware(self, register):
+        async def retry(message, call_next):
+            await call_next(message)
+            await call_next(message)
+
+        register(retry)
+
+
+@pytest.mark.anyio
+async def test_middleware_calling_call_next_twice_does_not_answer_twice(host_logs) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_test_host(("echo", Echo()), ("retry", MiddlewareCallsNextTwice())) as th:
+            assert (await th.send("once")).texts == ["echo: once"]
+            assert (await th.send("again")).texts == ["echo: again"]
+    assert any("plugin retry called call_next again" in m for m in host_logs.messages("ERROR"))
+
+
 class StreamExits:
     @hookimpl
     def on_message(self, message):
