@@ -5,9 +5,9 @@ implementations itself (rather than letting pluggy call them all in one go) so t
 isolated:
 
 * an implementation that raises is logged with its plugin name and the request id, counted, and the
-  next implementation still runs. That includes ``SystemExit`` (``sys.exit()`` in a plugin),
-  ``KeyboardInterrupt`` and any other ``BaseException``: only trio's ``Cancelled`` propagates
-  (``host.plugins.escaped_from_plugin``);
+  next implementation still runs. That includes ``SystemExit`` (``sys.exit()`` in a plugin) and any
+  other ``BaseException`` of the plugin's; only trio's ``Cancelled``, ``KeyboardInterrupt`` and
+  ``GeneratorExit`` propagate (``host.plugins.escaped_from_plugin``);
 * an ``async def`` implementation (or a sync one returning an awaitable) runs under its timeout and is
   cancelled when it exceeds it; a synchronous implementation cannot be interrupted, so it is only timed
   (and a warning logged when it blocked the event loop past its timeout);
@@ -350,7 +350,7 @@ class Dispatcher:
                                 outcome = Outcome(plugin, value, held=True)
                             else:
                                 outcome = Outcome(plugin, value)
-                        except BaseException as exc:  # SystemExit & co too; trio's Cancelled is ours
+                        except BaseException as exc:  # SystemExit & co too (not Cancelled: ours)
                             if not escaped_from_plugin(exc):
                                 raise
                             impl.stats.errors += 1

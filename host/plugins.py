@@ -82,19 +82,24 @@ class PluginRecord:
         }
 
 
+#: What ends a host's own work and must propagate through plugin code: trio's cancellation, Ctrl-C
+#: delivered by trio when the host runs without the CLI's signal handling (embedded, in tests), and the
+#: ``GeneratorExit`` that closes a suspended coroutine (resuming the next plugin then would be an error).
+_HOST_EXITS = (trio.Cancelled, KeyboardInterrupt, GeneratorExit)
+
+
 def escaped_from_plugin(exc: BaseException) -> bool:
     """Whether ``exc``, raised out of plugin code, is that plugin's failure to isolate (log, count,
-    apologize) rather than the host's own cancellation, which must propagate.
+    apologize) rather than the host's own exit, which must propagate.
 
-    ``SystemExit`` (``sys.exit()`` in a plugin), ``KeyboardInterrupt``, ``GeneratorExit`` and any other
-    ``BaseException`` subclass a plugin raises are its failure: one plugin must not stop the bot (the
-    CLI turns SIGINT/SIGTERM into a graceful shutdown itself, so a ``KeyboardInterrupt`` reaching a
-    hook is the plugin's own). Only trio's ``Cancelled``, alone or in an exception group, is not.
+    ``SystemExit`` (``sys.exit()`` in a plugin) and any other ``BaseException`` subclass a plugin
+    raises are its failure: one plugin must not stop the bot. Not trio's ``Cancelled``,
+    ``KeyboardInterrupt`` or ``GeneratorExit`` (alone or in an exception group): see ``_HOST_EXITS``.
     """
     if isinstance(exc, BaseExceptionGroup):
-        cancelled, _rest = exc.split(trio.Cancelled)
-        return cancelled is None
-    return not isinstance(exc, trio.Cancelled)
+        host_exits, _rest = exc.split(_HOST_EXITS)
+        return host_exits is None
+    return not isinstance(exc, _HOST_EXITS)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -568,10 +568,10 @@ class Host:
             current_request_id.reset(token)
 
     def _handling_deadline(self) -> float:
-        """Seconds one message may take through the whole chain: the longest wait at a reload gate, the
-        slowest ``on_message`` timeout, then ``[host] stream_timeout``, plus a minute for deliveries. Only a middleware (or connector)
-        that never returns reaches it; without a bound, each such message would hold a worker forever
-        and ``concurrency`` of them would silence the bot."""
+        """Seconds one message may take through the whole chain: the longest wait at a reload gate,
+        the slowest ``on_message`` timeout, then ``[host] stream_timeout``, plus 5 minutes for the
+        rest. Only a middleware (or connector) that never returns reaches it; without a bound, each
+        such message would hold a worker forever and ``concurrency`` of them would silence the bot."""
         generation = self.plugins.generation  # bumped by every (un)registration and config reload
         if self._handling_generation != generation:
             dispatcher = self.dispatcher
@@ -728,8 +728,10 @@ class Host:
             self._mark_answered(message)
             return True
         except trio.Cancelled:
+            # Cancelled by the watchdog (handling overdue), else by shutdown.
+            note = _TIMEOUT_NOTE if message.context.get("_overdue") else _SHUTDOWN_NOTE
             with _shielded_for(5):
-                await stream.fail(_SHUTDOWN_NOTE)
+                await stream.fail(note)
             ended = True
             raise
         except BaseException as exc:  # the plugin's stream raised (even SystemExit): finalized below
@@ -840,8 +842,9 @@ class Host:
         }
 
 
-#: Added to the on_message and stream budgets for a message's deliveries (see ``_handling_deadline``).
-_DELIVERY_SLACK_SECONDS = 60.0
+#: Added to the on_message and stream budgets for middleware (media downloads waiting under load) and
+#: a message's deliveries (see ``_handling_deadline``): the watchdog is a last resort, not a timeout.
+_DELIVERY_SLACK_SECONDS = 300.0
 #: How long the apology after a timed-out message may take (the connector itself may hang).
 _APOLOGY_SECONDS = 30.0
 #: How often the watchdog looks for messages past their handling deadline.

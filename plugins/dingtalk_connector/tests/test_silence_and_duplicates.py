@@ -181,3 +181,40 @@ async def test_redelivery_after_a_hot_reload_is_answered_once(restore_modules: N
     # Asserted after a clean shutdown (a failure inside the block would unwind the reload mid-way).
     assert answers == ["echo: did you get this?"]
     assert [m.id for m in recorder.messages] == [sent["msgId"]]
+
+
+@dataclass
+class CountsConcurrentEvents(SlowEvents):
+    running: int = 0
+    most_at_once: int = 0
+
+    @hookimpl
+    async def on_event(self, event: Event) -> None:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await SlowEvents.on_event(self, event)
+        finally:
+            self.running -= 1
+
+
+@pytest.mark.anyio
+async def test_event_being_handled_is_not_started_again_by_the_reloaded_connector(restore_modules: None) -> None:
+    """The connector plugin is reloaded while an EVENT is being handled: the old version's handler
+    runs on (it outlives its connections, until the old connector's stop), and DingTalk's redeliveries
+    to the new connector meanwhile must not start the same event a second time beside it."""
+    plugin = CountsConcurrentEvents(seconds=20.0)
+    with trio.fail_after(LIMIT):
+        async with open_emulator(event_redelivery_delay=1.0, event_max_redeliveries=60) as emu, open_host(
+            dingtalk_config(emu), ("slow", plugin)
+        ) as running:
+            await emu.wait_for_connection(1)
+            sent = await emu.send_event("approval_finished", {"processInstanceId": "p2"})
+            await wait_for(lambda: plugin.started == ["approval_finished"])
+            result = await running.host.reloader.reload_plugin("dingtalk_connector", reason="test")
+            assert result.outcome == "reloaded", result
+            await trio.sleep(90)  # redeliveries every second to the new connector, past the handler's 20 s
+            most_at_once, finished = plugin.most_at_once, list(plugin.finished)
+    assert most_at_once == 1  # never two runs of the one event at the same time
+    assert finished == ["approval_finished"]  # handled to the end exactly once
+    assert any(d["ack"] and d["ack"]["verdict"] == "ok" for d in emu.deliveries(sent["eventId"]))

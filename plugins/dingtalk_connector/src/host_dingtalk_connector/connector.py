@@ -102,8 +102,10 @@ class DingTalkConnector:
             oapi_endpoints={app.name: app.oapi_endpoint for app in apps if app.oapi_endpoint},
         )
         self.streams: dict[str, AppStream] = {}
-        #: What each app already accepted (kept across a hot reload, see ``inherit_dedup``).
+        #: What each app already accepted, and the events it is handling (kept across a hot reload,
+        #: see ``inherit_dedup``).
         self.dedup: dict[str, DedupCache] = {}
+        self.events_running: dict[str, set[str]] = {}
         self._rng = rng
         self._stop = trio.Event()
         self._done = trio.Event()
@@ -141,6 +143,7 @@ class DingTalkConnector:
                         dedup=dedup,
                         metrics=self.metrics,
                         on_accepted=self.outbound.remember,
+                        events_running=self.events_running.setdefault(app.name, set()),
                     )
                     stream = AppStream(
                         app,
@@ -184,6 +187,7 @@ class DingTalkConnector:
         """
         caches = getattr(previous, "dedup", None)
         old_apps = getattr(previous, "apps", None)
+        running = getattr(previous, "events_running", None)
         if previous is self or not isinstance(caches, dict) or not isinstance(old_apps, dict):
             return 0
         taken = 0
@@ -191,7 +195,12 @@ class DingTalkConnector:
             old_app, cache = old_apps.get(name), caches.get(name)
             # Duck-typed: after a reload the old cache is an instance of the old module's class.
             if cache is not None and getattr(old_app, "client_id", None) == app.client_id and hasattr(cache, "seen"):
+                # The new configuration's limits apply from now on.
+                cache.ttl, cache.max_entries = self.settings.dedup_ttl, self.settings.dedup_max_entries
                 self.dedup[name] = cache
+                # The old version's event handlers outlive its connections: share what they handle.
+                if isinstance(running, dict) and isinstance(running.get(name), set):
+                    self.events_running[name] = running[name]
                 taken += 1
         return taken
 

@@ -99,6 +99,7 @@ class FrameRouter:
         dedup: DedupCache,
         metrics: ConnectorMetrics,
         on_accepted: Callable[[Message], None] | None = None,
+        events_running: set[str] | None = None,
     ) -> None:
         self.app = app
         self.connector_name = connector_name
@@ -109,7 +110,9 @@ class FrameRouter:
         self.metrics = metrics
         self.on_accepted = on_accepted
         self.events_in_flight = 0
-        self._events_running: set[str] = set()
+        #: Events / card callbacks being handled (by key); shared with the router this one replaces on
+        #: a hot reload, whose handlers outlive it, so a redelivery meanwhile is not run twice.
+        self._events_running: set[str] = events_running if events_running is not None else set()
         self._deferred_warning = _RateLimitedWarning()
         self._log = logger.bind(app=app.name)
         name = app.name
@@ -285,15 +288,17 @@ class FrameRouter:
             return
         self.events_in_flight += 1
         self._events_running.add(event_key)
-        if card:
-            # Card callbacks must be answered within 2 s: ACK on acceptance, handle after.
-            self.dedup.add("frame", message_id)
-            await self._ack(link, "card", frames.ack_callback(message_id), received)
 
         async def run() -> None:
             await self._run_event(link, event, event_key, message_id, received, card=card)
 
+        # Spawned before the card's ACK is awaited: the handler is what undoes the two lines above,
+        # so it must exist even if the connection dies during that await.
         link.spawn(run)
+        if card:
+            # Card callbacks must be answered within 2 s: ACK on acceptance, handle after.
+            self.dedup.add("frame", message_id)
+            await self._ack(link, "card", frames.ack_callback(message_id), received)
 
     async def _run_event(
         self, link: Link, event: Event, event_key: str, message_id: str, received: float, *, card: bool
