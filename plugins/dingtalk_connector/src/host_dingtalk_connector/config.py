@@ -98,6 +98,10 @@ class StreamSettings(msgspec.Struct, forbid_unknown_fields=True):
     startup_wait: float = 10.0
     #: On shutdown, in-flight events get this long to finish (and be ACKed) before sockets close.
     shutdown_timeout: float = 5.0
+    #: On a hot reload of this plugin, the old connector's event handlers still running get this long
+    #: to finish before they are cancelled (DingTalk would then redeliver the EVENT and it would run
+    #: again from the start). The host's ``on_event`` timeout bounds them too.
+    reload_handler_timeout: float = 30.0
     #: Subscribe to EVENT ``*`` (events enabled in the developer console).
     events: bool = True
     #: CALLBACK topics to subscribe to (bot messages and card callbacks by default).
@@ -192,7 +196,7 @@ def _endpoint(value: str, where: str) -> str:
 def _check_stream(s: StreamSettings) -> None:
     positive = (
         "ping_interval", "pong_timeout", "idle_timeout", "backoff_base", "backoff_cap", "healthy_after",
-        "drain_timeout", "register_timeout", "connect_timeout", "shutdown_timeout",
+        "drain_timeout", "register_timeout", "connect_timeout", "shutdown_timeout", "reload_handler_timeout",
     )  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:

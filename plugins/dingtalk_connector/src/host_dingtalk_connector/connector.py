@@ -166,8 +166,11 @@ class DingTalkConnector:
                     )  # fmt: skip
                 task_status.started()
                 await self._stop.wait()
+                # Retiring on a hot reload: the successor already serves, so the event handlers
+                # still running may take longer to finish than on shutdown.
+                grace = settings.reload_handler_timeout if self._retire_on_stop else settings.shutdown_timeout
                 for stream in self.streams.values():
-                    stream.request_stop()
+                    stream.request_stop(handler_grace=grace)
         finally:
             self._done.set()
 

@@ -27,7 +27,8 @@
     the connection's: a dropped socket must not cancel them half way (a card click is ACKed on
     acceptance and never redelivered; an EVENT would run again from the start). One that outlives
     its connection finishes, its outcome is remembered, and DingTalk's redelivery is answered from
-    it. Only stopping the app cancels them, after shutdown_timeout.
+    it. Only stopping the app cancels them, after shutdown_timeout (reload_handler_timeout when the
+    plugin is hot-reloaded: the new connector already serves, and a cancelled EVENT would run again).
 
 A "dead" connection is retired first (so the replacement starts immediately) and then closed.
 """
@@ -408,6 +409,7 @@ class AppStream:
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
         self._stop_requested_at = math.inf
+        self._handler_grace = settings.shutdown_timeout
         self._connected = trio.Event()
         self._log = logger.bind(app=app.name)
         self._state_gauge = metrics.connection_state.labels(app.name)
@@ -446,10 +448,12 @@ class AppStream:
         elif self._connected.is_set():
             self._connected = trio.Event()
 
-    def request_stop(self) -> None:
-        """Stop reconnecting and close every connection (``run`` then returns)."""
+    def request_stop(self, *, handler_grace: float | None = None) -> None:
+        """Stop reconnecting and close every connection (``run`` then returns). Event handlers still
+        running get ``handler_grace`` seconds (default ``shutdown_timeout``) before they are cancelled."""
         if not self._stop.is_set():
             self._stop_requested_at = trio.current_time()
+            self._handler_grace = self.settings.shutdown_timeout if handler_grace is None else handler_grace
         self._stop.set()
         # A registration or handshake in progress is abandoned rather than waited for.
         self._attempt_scope.cancel()
@@ -522,9 +526,9 @@ class AppStream:
                     self._set_state("disconnected")
             await self._close_all()
         self._set_state("disconnected")
-        # Handlers still running get shutdown_timeout from the stop request (as those the closing
-        # connections waited for), then are cancelled.
-        with trio.move_on_at(min(self._stop_requested_at, trio.current_time()) + self.settings.shutdown_timeout):
+        # Handlers still running get their grace (shutdown_timeout; reload_handler_timeout when the
+        # plugin is being reloaded) from the stop request, then are cancelled.
+        with trio.move_on_at(min(self._stop_requested_at, trio.current_time()) + self._handler_grace):
             await self.handlers_idle.wait()
         if self.handlers_running:
             self._log.warning("{}: {} event handler(s) cancelled at stop; DingTalk will redeliver",
