@@ -390,7 +390,7 @@ class Dispatcher:
         """``impl``'s plugin is being reloaded: wait until it is resumed, then return its current
         implementation of ``hook`` (``None``: it has none any more, or the wait exceeded its bound)."""
         plugin = impl.plugin
-        with trio.move_on_after(self._gate_bound()):
+        with trio.move_on_after(self.gate_bound()):
             while plugin in self.paused:
                 await self._gates.setdefault(plugin, trio.Event()).wait()
             for current in self._hook(hook).impls:
@@ -398,11 +398,12 @@ class Dispatcher:
                     return current
             return None
         logger.warning(
-            "plugin {} is still being reloaded after {:.0f}s; {} skips it", plugin, self._gate_bound(), hook
+            "plugin {} is still being reloaded after {:.0f}s; {} skips it", plugin, self.gate_bound(), hook
         )
         return None
 
-    def _gate_bound(self) -> float:
+    def gate_bound(self) -> float:
+        """How long a call waits at a reloading plugin's gate at most (``drain_timeout`` + 30 s)."""
         drain = self.settings.reload.drain_timeout if self.settings is not None else 30.0
         return drain + 30.0
 

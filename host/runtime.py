@@ -82,8 +82,6 @@ class Host:
         self._audit_lock = trio.Lock()
         self._audit_holds = 0
         self._chain: Callable[[Message], Awaitable[None]] = self._answer
-        self._handling_seconds = 0.0
-        self._handling_generation = -1
         self._worker_slots: list[_WorkerSlot] = []
         self._state_versions: dict[str, str] = {}  # plugin -> the version its state series carry
         self._setup_metrics()
@@ -366,14 +364,9 @@ class Host:
         token = current_request_id.set(event.request_id)
         try:
             outcomes = await self.dispatcher.call("on_event", host=self, event=event)
-            ok = all(o.ok for o in outcomes)
-        except BaseException as exc:  # e.g. sys.exit() in a plugin: the event failed, the host goes on
-            if not escaped_from_plugin(exc):
-                raise
-            logger.opt(exception=exc).error("event handling failed: {!r}", exc)
-            ok = False
         finally:
             current_request_id.reset(token)
+        ok = all(o.ok for o in outcomes)
         self.m_events.labels(event.connector, "consumed" if ok else "failed").inc()
         return ok
 
@@ -558,7 +551,7 @@ class Host:
             if message.context.pop("_overdue", False):  # cancelled by the watchdog (_watchdog)
                 logger.error(
                     "handling the message took longer than {:.0f}s (a middleware or connector that never"
-                    " returns?); cancelled it", self._handling_seconds,
+                    " returns?); cancelled it", self._handling_deadline(),
                 )
                 if "_answered_at" not in message.context:
                     with _shielded_for(_APOLOGY_SECONDS):  # the connector may be what hangs
@@ -572,18 +565,13 @@ class Host:
         the slowest ``on_message`` timeout, then ``[host] stream_timeout``, plus 5 minutes for the
         rest. Only a middleware (or connector) that never returns reaches it; without a bound, each
         such message would hold a worker forever and ``concurrency`` of them would silence the bot."""
-        generation = self.plugins.generation  # bumped by every (un)registration and config reload
-        if self._handling_generation != generation:
-            dispatcher = self.dispatcher
-            slowest = max(
-                (dispatcher.timeout_for(p, "on_message") for p in dispatcher.implementers("on_message")),
-                default=0.0,
-            )
-            # A call may first wait at a plugin's reload gate: drain_timeout + 30 s (host.dispatch).
-            gate = self.config.host.reload.drain_timeout + 30.0
-            self._handling_seconds = slowest + gate + self.config.host.stream_timeout + _DELIVERY_SLACK_SECONDS
-            self._handling_generation = generation
-        return self._handling_seconds
+        dispatcher = self.dispatcher
+        slowest = max(
+            (dispatcher.timeout_for(p, "on_message") for p in dispatcher.implementers("on_message")),
+            default=0.0,
+        )
+        # A call may first wait at a plugin's reload gate.
+        return dispatcher.gate_bound() + slowest + self.config.host.stream_timeout + _DELIVERY_SLACK_SECONDS
 
     async def _answer(self, message: Message) -> None:
         if "_answered_at" in message.context:
@@ -809,16 +797,7 @@ class Host:
         async with self._audit_lock:
             while self._audit_backlog:
                 entry = self._audit_backlog.pop(0)
-                try:
-                    outcomes = await self.dispatcher.call("on_audit", host=self, entry=entry)
-                except BaseException as exc:  # sys.exit() in on_audit must not end the flusher (and the host)
-                    if not escaped_from_plugin(exc):
-                        raise
-                    logger.opt(exception=exc).error(
-                        "audit record {}/{} not stored: {!r}", entry.category, entry.action, exc
-                    )
-                    continue
-                for outcome in outcomes:
+                for outcome in await self.dispatcher.call("on_audit", host=self, entry=entry):
                     if not outcome.ok:
                         logger.error(
                             "audit record {}/{} not stored by {}", entry.category, entry.action, outcome.plugin
